@@ -1,0 +1,1 @@
+"""Process groups and the parallel layers that the model is built from."""
