@@ -3,14 +3,23 @@
 A chunk is a contiguous 1-D piece of a parameter with its gradient and optimizer states and the
 stream index of its first element. The single-process optimizer passes one chunk per parameter;
 the distributed optimizer passes the pieces of parameters that fall inside its shard.
+
+On CUDA the fused kernel (fused.py, csrc/) runs when it builds; it is bitwise equal to the eager
+reference. Otherwise the reference runs (wrapped in torch.compile on a GPU, for speed) and one
+RuntimeWarning per process says why. MEGATRON_SR_FUSED=0 forces the reference;
+MEGATRON_SR_COMPILE_FALLBACK=0 keeps the GPU fallback eager.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from . import fused
 from .adamw_reference import AdamWConstants, Rounding, adamw_reference_
 from .philox import SRKey
 
@@ -25,17 +34,99 @@ class AdamWChunk:
     weight_decay: float  # 0.0 for biases and norm weights
 
 
+_warned = False
+_compiled_reference: Callable | None = None
+_compile_failed = False
+last_path: str | None = None  # "fused" or "reference": which path the last call took (for tests and logs)
+
+
 def adamw_step_(
     chunks: list[AdamWChunk],
     *,
     scalars: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     consts: AdamWConstants,
     rounding: Rounding | str,
     key: SRKey,
 ) -> None:
-    """Apply one AdamW step to every chunk in place (scalars from `step_scalars`)."""
+    """Apply one AdamW step to every chunk in place (scalars from `step_scalars`).
+
+    `step` is an int or a one-element int64 tensor; on the fused path a CUDA step tensor and the
+    scalars tensor are read on the device, so a CUDA graph can capture the step.
+    """
+    global last_path
     rounding = Rounding(rounding)
+    live = [c for c in chunks if c.param.numel() > 0]
+    if not live:
+        return
+    reason = fused_unusable_reason(live, scalars)
+    if reason is None:
+        try:
+            fused.fused_adamw_step_(live, scalars=scalars, step=step, consts=consts,
+                                    stochastic=rounding is Rounding.STOCHASTIC, key=key)
+            last_path = "fused"
+            return
+        except fused.FusedUnavailable as exc:
+            reason = str(exc)
+    _warn_once(f"megatron_sr: fused SR AdamW kernel not used ({reason}); running the PyTorch reference")
+    step_int = int(step)
+    for c in live:
+        _reference_for(c.param.device)(
+            c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step_int, consts=consts,
+            weight_decay=c.weight_decay, rounding=rounding, key=key, base_index=c.base_index)
+    last_path = "reference"
+
+
+def fused_unusable_reason(chunks: list[AdamWChunk], scalars: torch.Tensor) -> str | None:
+    """Why these chunks cannot go to the fused kernel, or None when they can (the build is tried later)."""
+    if os.environ.get("MEGATRON_SR_FUSED", "1") == "0":
+        return "disabled by MEGATRON_SR_FUSED=0"
+    device = chunks[0].param.device
+    if device.type != "cuda":
+        return f"tensors are on {device.type}, not CUDA"
+    if scalars.device != device:
+        return f"scalars are on {scalars.device}, params on {device}"
     for c in chunks:
-        adamw_reference_(c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step, consts=consts,
-                         weight_decay=c.weight_decay, rounding=rounding, key=key, base_index=c.base_index)
+        tensors = (c.param, c.grad, c.exp_avg, c.exp_avg_sq)
+        if any(t.device != device for t in tensors):
+            return "a chunk's tensors are on different devices"
+        if not all(t.is_contiguous() for t in tensors):
+            return "a chunk has a non-contiguous tensor"
+        if any(t.dtype not in fused.SUPPORTED_DTYPES for t in tensors) or c.exp_avg.dtype != c.exp_avg_sq.dtype:
+            return (f"unsupported dtypes param={c.param.dtype} grad={c.grad.dtype} "
+                    f"exp_avg={c.exp_avg.dtype} exp_avg_sq={c.exp_avg_sq.dtype}")
+        if c.base_index < 0:
+            return f"negative base_index {c.base_index}"
+    return None
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _reference_for(device: torch.device) -> Callable:
+    """The eager reference on CPU; on a GPU the same function through torch.compile (eager if that fails)."""
+    global _compiled_reference
+    if device.type != "cuda" or _compile_failed or os.environ.get("MEGATRON_SR_COMPILE_FALLBACK", "1") == "0":
+        return adamw_reference_
+    if _compiled_reference is None:
+        _compiled_reference = _guard_compile(torch.compile(adamw_reference_, dynamic=True))
+    return _compiled_reference
+
+
+def _guard_compile(compiled: Callable) -> Callable:
+    def run(*args, **kwargs):
+        global _compile_failed
+        if not _compile_failed:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (a compiler failure must not stop training)
+                _compile_failed = True
+                warnings.warn(f"megatron_sr: torch.compile of the reference AdamW failed ({exc}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return adamw_reference_(*args, **kwargs)
+
+    return run

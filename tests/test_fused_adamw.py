@@ -1,0 +1,183 @@
+"""The fused SR AdamW CUDA kernel against the eager PyTorch reference, bit for bit (GPU only).
+
+The reference runs eagerly on the same GPU with the same 0-dim device scalars, so both sides do
+IEEE FP32 arithmetic; every comparison is of bit patterns, NaN payloads included.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, step_scalars
+from megatron_sr.optimizer import dispatch
+from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BF16, F32 = torch.bfloat16, torch.float32
+B1, B2, LR = 0.9, 0.95, 3e-3
+CONSTS = AdamWConstants.make(B1, B2, 1e-8)
+KEY = SRKey.from_seed(20261123, tp_rank=1, pp_rank=2)
+VARIANTS = [(p, g, s, r) for p in (BF16, F32) for g in (BF16, F32) for s in (F32, BF16)
+            for r in ("stochastic", "nearest")]
+SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 255, 1000, 4097, 65539, 1_000_003]
+
+
+def _rand(n, dtype, scale, gen, pad=0, positive=False):
+    """Random tensor of n elements; pad > 0 makes its data pointer start `pad` elements into its storage."""
+    t = torch.randn(n + pad, generator=gen, device="cuda") * scale
+    if positive:
+        t = t.abs()
+    return t.to(dtype)[pad:]
+
+
+def _make_chunk(n, dtypes, gen, base, wd, pad=0):
+    p, g, s = dtypes
+    return AdamWChunk(_rand(n, p, 1.0, gen, pad), _rand(n, g, 1e-2, gen, pad), _rand(n, s, 1e-3, gen, pad),
+                      _rand(n, s, 1e-5, gen, pad, positive=True), base, wd)
+
+
+def _clone(c):
+    def cl(t):  # keep the same misalignment as the original
+        pad = t.storage_offset()
+        buf = torch.empty(t.numel() + pad, dtype=t.dtype, device=t.device)[pad:]
+        return buf.copy_(t)
+    return AdamWChunk(cl(c.param), cl(c.grad), cl(c.exp_avg), cl(c.exp_avg_sq), c.base_index, c.weight_decay)
+
+
+def _reference(chunks, scalars, step, rounding):
+    for c in chunks:
+        adamw_reference_(c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step, consts=CONSTS,
+                         weight_decay=c.weight_decay, rounding=rounding, key=KEY, base_index=c.base_index)
+
+
+def _fused(chunks, scalars, step, rounding):
+    adamw_step_(chunks, scalars=scalars, step=step, consts=CONSTS, rounding=rounding, key=KEY)
+    assert dispatch.last_path == "fused"
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _assert_same(got, want, what=""):
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        a, b = _bits(getattr(got, name)), _bits(getattr(want, name))
+        if not torch.equal(a, b):
+            bad = (a != b).nonzero()
+            i = int(bad[0])
+            raise AssertionError(f"{what} {name}: {bad.numel()} of {a.numel()} differ, first at {i} "
+                                 f"(numel {a.numel()}, base {got.base_index}): {int(a[i])} vs {int(b[i])}")
+
+
+def _run_both(chunks, steps, rounding, step_as_tensor=False):
+    want = [_clone(c) for c in chunks]
+    for step in range(1, steps + 1):
+        scalars = step_scalars(LR, step, B1, B2, "cuda")
+        s = torch.tensor(step, dtype=torch.int64, device="cuda") if step_as_tensor else step
+        _fused(chunks, scalars, s, rounding)
+        _reference(want, scalars, step, rounding)
+    torch.cuda.synchronize()
+    for c, w in zip(chunks, want):
+        _assert_same(c, w, f"step {steps}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "p{}-g{}-s{}-{}".format(
+    *(str(x).replace("torch.", "") for x in v)))
+def test_multi_tensor_sizes_offsets_and_alignment(variant):
+    """Every variant, one launch over chunks of many sizes, stream offsets and pointer misalignments, 3 steps."""
+    *dtypes, rounding = variant
+    gen = torch.Generator(device="cuda").manual_seed(1000 + VARIANTS.index(variant))
+    chunks = []
+    for i, n in enumerate(SIZES):
+        for base, pad in [(0, 0), (5, 0), (8 * 1000 + 3, 0), (13, 1), (2**33 + 7, 3)]:
+            chunks.append(_make_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad))
+    _run_both(chunks, steps=3, rounding=rounding)
+
+
+@pytest.mark.parametrize("state_dtype", [F32, BF16])
+def test_above_1e8_elements(state_dtype):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    chunk = _make_chunk(100_000_007, (BF16, BF16, state_dtype), gen, base=123_456_789, wd=0.1)
+    _run_both([chunk], steps=2, rounding="stochastic")
+
+
+def test_step_from_device_tensor_and_specials():
+    """Step read from an int64 device tensor; NaN, Inf and huge values in params and grads."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    chunk = _make_chunk(4099, (BF16, BF16, BF16), gen, base=77, wd=0.1)
+    chunk.param[::97] = float("nan")
+    chunk.grad[5::89] = float("inf")
+    chunk.grad[7::101] = -float("nan")
+    chunk.param[11::103] = 3.3e38
+    _run_both([chunk], steps=3, rounding="stochastic", step_as_tensor=True)
+
+
+@pytest.mark.parametrize("state_dtype", [F32, BF16])
+def test_shard_equals_slice_of_full_update(state_dtype):
+    """Pieces of a parameter updated with their own base index give exactly the full update's slices."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    n, base = 100_003, 4242
+    full = _make_chunk(n, (BF16, BF16, state_dtype), gen, base=base, wd=0.1)
+    pieces_src = _clone(full)
+    cuts = [0, 1, 6, 1000, 1003, 50_000, 77_777, n]
+    pieces = [AdamWChunk(pieces_src.param[a:b], pieces_src.grad[a:b], pieces_src.exp_avg[a:b],
+                         pieces_src.exp_avg_sq[a:b], base + a, 0.1) for a, b in zip(cuts, cuts[1:])]
+    for step in (1, 2):
+        scalars = step_scalars(LR, step, B1, B2, "cuda")
+        _fused([full], scalars, step, "stochastic")
+        _fused(pieces[::2], scalars, step, "stochastic")  # two launches, pieces in any grouping
+        _fused(pieces[1::2], scalars, step, "stochastic")
+    _assert_same(pieces_src, full, "shards")
+
+
+def _bf16_neighbours(x: float) -> tuple[float, float]:
+    """The BF16 values just below and above a positive FP32 value (truncate, then one unit up)."""
+    bits = int(torch.tensor([x], dtype=F32).view(torch.int32))
+    lo = (bits >> 16) << 16
+    to_f = lambda b: float(torch.tensor([b], dtype=torch.int32).view(F32))  # noqa: E731
+    return to_f(lo), to_f(lo + (1 << 16))
+
+
+def test_sr_unbiased_on_kernel_output():
+    """Every element gets the same FP32 update; SR over 2^21 indices averages to it (5 standard errors)."""
+    n = 1 << 21
+    full = lambda v: torch.full((n,), v, dtype=BF16, device="cuda")  # noqa: E731
+    chunk = AdamWChunk(full(1.0), full(0.3), full(0.0), full(0.0), 0, 0.1)
+    exact = AdamWChunk(*(t[:1].float().clone() for t in (chunk.param, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq)),
+                       0, 0.1)
+    scalars = step_scalars(1e-2, 1, B1, B2, "cuda")
+    _fused([chunk], scalars, 1, "stochastic")
+    _reference([exact], scalars, 1, "stochastic")  # FP32 tensors: the exact FP32 results, no rounding
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        x = float(getattr(exact, name))
+        y = getattr(chunk, name).double()
+        lo, hi = _bf16_neighbours(x)
+        assert lo < x < hi, f"{name}: the test needs a value that BF16 cannot hold, got {x}"
+        assert bool(((y == lo) | (y == hi)).all()), f"{name}: outputs other than the two neighbours"
+        q = (x - lo) / (hi - lo)
+        se = (hi - lo) * math.sqrt(q * (1 - q) / n)
+        assert abs(y.mean().item() - x) < 5 * se, f"{name}: mean {y.mean().item()} vs {x} (se {se})"
+
+
+def test_cuda_graph_captures_the_step():
+    """Scalars and step live in device tensors: a captured launch replays correctly for later steps."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    chunks = [_make_chunk(n, (BF16, BF16, F32), gen, base, 0.1) for n, base in [(1000, 0), (77_777, 1000)]]
+    scalars = step_scalars(LR, 1, B1, B2, "cuda")
+    step_t = torch.ones((), dtype=torch.int64, device="cuda")
+    _fused(chunks, scalars, step_t, "stochastic")  # warm-up: builds and caches the chunk table outside the capture
+    torch.cuda.synchronize()
+    want = [_clone(c) for c in chunks]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _fused(chunks, scalars, step_t, "stochastic")
+    for step in (1, 2, 3):
+        scalars.copy_(step_scalars(LR, step, B1, B2, "cuda"))
+        step_t.fill_(step)
+        graph.replay()
+        _reference(want, scalars, step, "stochastic")
+    torch.cuda.synchronize()
+    for c, w in zip(chunks, want):
+        _assert_same(c, w, "graph")
