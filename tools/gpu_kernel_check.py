@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Device-side checks of the fused SR AdamW extension (run on a CUDA machine).
+
+    python3 tools/gpu_kernel_check.py build      # JIT-build (or load) the extension, print the build time
+    python3 tools/gpu_kernel_check.py sanitize   # small launches of every variant, odd sizes and offsets,
+                                                 # compared bitwise with the reference; meant to run under
+                                                 # PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, fused, step_scalars  # noqa: E402
+from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_  # noqa: E402
+from megatron_sr.optimizer import dispatch  # noqa: E402
+
+
+def build() -> int:
+    t0 = time.perf_counter()
+    fused.load_extension()
+    print(f"extension ready in {time.perf_counter() - t0:.1f} s at {fused.build_directory(torch.cuda.get_device_capability())}")
+    return 0
+
+
+def sanitize() -> int:
+    consts, key = AdamWConstants.make(0.9, 0.95, 1e-8), SRKey.from_seed(3)
+    bf, f = torch.bfloat16, torch.float32
+    failures = launches = 0
+    for pd in (bf, f):
+        for gd in (bf, f):
+            for sd in (f, bf):
+                for rounding in ("stochastic", "nearest"):
+                    chunks = []
+                    for n, base, pad in [(1, 0, 0), (7, 3, 1), (8, 8, 0), (9, 13, 0), (33, 5, 2), (1031, 6, 1),
+                                         (4096 + 3, 0, 0), (70_001, 11, 3)]:
+                        mk = lambda dt, s: (torch.randn(n + pad, device="cuda") * s).to(dt)[pad:]  # noqa: E731
+                        chunks.append(AdamWChunk(mk(pd, 1), mk(gd, 1e-2), mk(sd, 1e-3), mk(sd, 1e-5).abs(), base,
+                                                 0.1 if n % 2 else 0.0))
+                    want = [AdamWChunk(c.param.clone(), c.grad.clone(), c.exp_avg.clone(), c.exp_avg_sq.clone(),
+                                       c.base_index, c.weight_decay) for c in chunks]
+                    scalars = step_scalars(1e-3, 1, 0.9, 0.95, "cuda")
+                    adamw_step_(chunks, scalars=scalars, step=1, consts=consts, rounding=rounding, key=key)
+                    launches += 1
+                    assert dispatch.last_path == "fused"
+                    for c, w in zip(chunks, want):
+                        adamw_reference_(w.param, w.grad, w.exp_avg, w.exp_avg_sq, scalars=scalars, step=1,
+                                         consts=consts, weight_decay=w.weight_decay, rounding=rounding, key=key,
+                                         base_index=w.base_index)
+                        for name in ("param", "exp_avg", "exp_avg_sq"):
+                            a, b = getattr(c, name), getattr(w, name)
+                            it = torch.int16 if a.element_size() == 2 else torch.int32
+                            if not torch.equal(a.view(it), b.view(it)):
+                                failures += 1
+                                print(f"MISMATCH {pd} {gd} {sd} {rounding} n={c.param.numel()} {name}")
+    torch.cuda.synchronize()
+    print(f"sanitize: {launches} fused launches over 8 chunks each, {failures} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    modes = {"build": build, "sanitize": sanitize}
+    if len(sys.argv) != 2 or sys.argv[1] not in modes:
+        print(f"usage: {sys.argv[0]} {{{'|'.join(modes)}}}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(modes[sys.argv[1]]())
