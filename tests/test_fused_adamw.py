@@ -91,7 +91,9 @@ def test_multi_tensor_sizes_offsets_and_alignment(variant):
     gen = torch.Generator(device="cuda").manual_seed(1000 + VARIANTS.index(variant))
     chunks = []
     for i, n in enumerate(SIZES):
-        for base, pad in [(0, 0), (5, 0), (8 * 1000 + 3, 0), (13, 1), (2**33 + 7, 3)]:
+        # (stream offset, pointer offset): aligned; scalar-only (offsets disagree); vector path with a
+        # shifted group start (13 % 8 == 5); misaligned pointers; an index above 2^32
+        for base, pad in [(0, 0), (5, 0), (8 * 1000 + 3, 0), (13, 5), (13, 1), (2**33 + 7, 3)]:
             chunks.append(_make_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad))
     _run_both(chunks, steps=3, rounding=rounding)
 
@@ -181,3 +183,10 @@ def test_cuda_graph_captures_the_step():
     torch.cuda.synchronize()
     for c, w in zip(chunks, want):
         _assert_same(c, w, "graph")
+
+
+def test_mismatched_sizes_raise_before_the_binding():
+    c = AdamWChunk(torch.zeros(8, dtype=BF16, device="cuda"), torch.zeros(9, dtype=BF16, device="cuda"),
+                   torch.zeros(8, device="cuda"), torch.zeros(8, device="cuda"), 0, 0.0)
+    with pytest.raises(ValueError, match="sizes differ"):
+        _fused([c], step_scalars(LR, 1, B1, B2, "cuda"), 1, "stochastic")

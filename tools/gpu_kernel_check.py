@@ -5,6 +5,7 @@
     python3 tools/gpu_kernel_check.py sanitize   # small launches of every variant, odd sizes and offsets,
                                                  # compared bitwise with the reference; meant to run under
                                                  # PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck
+    python3 tools/gpu_kernel_check.py probe-exception  # a C++ check failure comes back as a Python error
 """
 
 from __future__ import annotations
@@ -63,8 +64,23 @@ def sanitize() -> int:
     return 1 if failures else 0
 
 
+def probe_exception() -> int:
+    """Does a TORCH_CHECK failure inside the binding come back as a Python exception (or crash)?"""
+    ext = fused.load_extension()
+    a = torch.zeros(4, dtype=torch.bfloat16, device="cuda")
+    b = torch.zeros(5, dtype=torch.bfloat16, device="cuda")
+    m = torch.zeros(4, device="cuda")
+    try:
+        ext.plan([a], [b], [m], [m], [0], [0.0])
+    except RuntimeError as exc:
+        print("probe: binding error raised as RuntimeError:", str(exc).splitlines()[0])
+        return 0
+    print("probe: no error raised")
+    return 1
+
+
 if __name__ == "__main__":
-    modes = {"build": build, "sanitize": sanitize}
+    modes = {"build": build, "sanitize": sanitize, "probe-exception": probe_exception}
     if len(sys.argv) != 2 or sys.argv[1] not in modes:
         print(f"usage: {sys.argv[0]} {{{'|'.join(modes)}}}", file=sys.stderr)
         sys.exit(2)

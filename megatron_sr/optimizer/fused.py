@@ -112,6 +112,11 @@ def fused_adamw_step_(
 ) -> None:
     """One fused launch per (param, grad, state) dtype triple over non-empty CUDA chunks."""
     device = chunks[0].param.device
+    for i, c in enumerate(chunks):  # checked here too: a C++ exception is the binding's last resort, not its API
+        n = c.param.numel()
+        if not (c.grad.numel() == c.exp_avg.numel() == c.exp_avg_sq.numel() == n):
+            raise ValueError(f"sr_adamw: chunk {i} sizes differ: param {n}, grad {c.grad.numel()}, "
+                             f"exp_avg {c.exp_avg.numel()}, exp_avg_sq {c.exp_avg_sq.numel()}")
     ext = load_extension(device)
     step_tensor, step_value = None, 0
     if isinstance(step, torch.Tensor) and step.is_cuda:

@@ -25,13 +25,12 @@ SrDtype dtype_code(const at::Tensor& t, const char* what, bool states) {
   return megatron_sr::kFloat32;
 }
 
-void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* what, size_t i) {
+// t must be a contiguous CUDA tensor on `device`, with `numel` elements.
+void check_tensor(const at::Tensor& t, const at::Device& device, int64_t numel, const char* what, size_t i) {
   TORCH_CHECK(t.is_cuda(), "sr_adamw: ", what, "[", i, "] must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "sr_adamw: ", what, "[", i, "] is on ", t.device(), ", param on ",
-              like.device());
+  TORCH_CHECK(t.device() == device, "sr_adamw: ", what, "[", i, "] is on ", t.device(), ", params on ", device);
   TORCH_CHECK(t.is_contiguous(), "sr_adamw: ", what, "[", i, "] must be contiguous");
-  TORCH_CHECK(t.numel() == like.numel(), "sr_adamw: ", what, "[", i, "] has ", t.numel(), " elements, param has ",
-              like.numel());
+  TORCH_CHECK(t.numel() == numel, "sr_adamw: ", what, "[", i, "] has ", t.numel(), " elements, its param has ", numel);
 }
 
 std::tuple<at::Tensor, int64_t, std::vector<int64_t>> plan(
@@ -50,10 +49,11 @@ std::tuple<at::Tensor, int64_t, std::vector<int64_t>> plan(
   auto* chunks = reinterpret_cast<SrAdamwChunk*>(table.data_ptr<uint8_t>());
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    check_tensor(p, params[0], "param", i);
-    check_tensor(g, p, "grad", i);
-    check_tensor(m, p, "exp_avg", i);
-    check_tensor(v, p, "exp_avg_sq", i);
+    const at::Device device = params[0].device();
+    check_tensor(p, device, p.numel(), "param", i);
+    check_tensor(g, device, p.numel(), "grad", i);
+    check_tensor(m, device, p.numel(), "exp_avg", i);
+    check_tensor(v, device, p.numel(), "exp_avg_sq", i);
     TORCH_CHECK(dtype_code(p, "param", false) == pd && dtype_code(g, "grad", false) == gd &&
                     dtype_code(m, "exp_avg", true) == sd && dtype_code(v, "exp_avg_sq", true) == sd,
                 "sr_adamw: chunk ", i, " mixes dtypes; one launch takes one (param, grad, state) dtype triple");
