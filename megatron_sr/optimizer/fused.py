@@ -32,7 +32,7 @@ class FusedUnavailable(RuntimeError):
 
 _extensions: dict[tuple[int, int], object] = {}
 _failures: dict[tuple[int, int], str] = {}
-_tables: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
+_tables: OrderedDict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _MAX_TABLES = 32
 
 
@@ -87,12 +87,12 @@ def _build(cap: tuple[int, int]):
             os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch_list
 
 
-def _device_table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The device copy of a chunk table, reused while the same chunks come back (no upload per step)."""
+def _device_tables(ext, table: torch.Tensor, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device copies of a chunk table and its tile map, reused while the same chunks come back."""
     key = (device.index if device.index is not None else torch.cuda.current_device(), table.numpy().tobytes())
     cached = _tables.get(key)
     if cached is None:
-        cached = table.to(device)
+        cached = (table.to(device), ext.tile_map(table, tiles).to(device))
         _tables[key] = cached
         if len(_tables) > _MAX_TABLES:
             _tables.popitem(last=False)
@@ -127,10 +127,17 @@ def fused_adamw_step_(
     for c in chunks:
         by_dtypes.setdefault((c.param.dtype, c.grad.dtype, c.exp_avg.dtype), []).append(c)
     for group in by_dtypes.values():
-        table, tiles, dtypes = ext.plan(
+        error, table, tiles, dtypes = ext.plan(
             [c.param for c in group], [c.grad for c in group], [c.exp_avg for c in group],
             [c.exp_avg_sq for c in group], [int(c.base_index) for c in group], [float(c.weight_decay) for c in group],
         )
-        ext.step(_device_table(table, device), len(group), tiles, dtypes, scalars, step_tensor, step_value,
-                 consts.beta1, consts.beta2, consts.eps, consts.one_minus_beta1, consts.one_minus_beta2,
-                 key.k0, key.k1, stochastic)
+        if error:
+            raise ValueError(error)
+        if tiles == 0:
+            continue
+        table_dev, tile_map_dev = _device_tables(ext, table, tiles, device)
+        error = ext.step(table_dev, tile_map_dev, tiles, dtypes, scalars, step_tensor, step_value,
+                         consts.beta1, consts.beta2, consts.eps, consts.one_minus_beta1, consts.one_minus_beta2,
+                         key.k0, key.k1, stochastic)
+        if error:
+            raise RuntimeError(error)

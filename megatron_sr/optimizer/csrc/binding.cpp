@@ -1,13 +1,18 @@
 // Torch binding of the fused SR AdamW kernel: checks the tensors, builds the chunk table, launches.
-// Two calls so that Python can cache the device copy of the chunk table between steps (no host-to-device
+// Three calls so that Python can cache the device copies of the tables between steps (no host-to-device
 // copy in a steady state, which also lets a CUDA graph capture the step):
-//   plan(params, grads, exp_avgs, exp_avg_sqs, base_indices, weight_decays) -> (table uint8 CPU, tiles, dtypes)
-//   step(table_on_device, num_chunks, tiles, dtypes, scalars, step_tensor|None, step_value, consts..., key, sr)
+//   plan(params, grads, exp_avgs, exp_avg_sqs, base_indices, weight_decays) -> (error, table, tiles, dtypes)
+//   tile_map(table, tiles) -> int32 CPU tensor: the chunk of each tile
+//   step(table, tile_map, tiles, dtypes, scalars, step_tensor|None, step_value, consts..., key, sr) -> error
+// Errors come back as strings ("" = fine) instead of C++ exceptions: a failed TORCH_CHECK crashed the
+// process on the lent GPU machine's toolchain, so the binding never throws and Python raises instead.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,82 +23,105 @@ namespace {
 using megatron_sr::SrAdamwChunk;
 using megatron_sr::SrDtype;
 
-SrDtype dtype_code(const at::Tensor& t, const char* what, bool states) {
-  if (t.scalar_type() == at::kBFloat16) return megatron_sr::kBFloat16;
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "sr_adamw: ", what, " must be bfloat16 or float32, got ",
-              t.scalar_type(), states ? " (optimizer state)" : "");
-  return megatron_sr::kFloat32;
+bool dtype_code(const at::Tensor& t, SrDtype* out) {
+  if (t.scalar_type() == at::kBFloat16) *out = megatron_sr::kBFloat16;
+  else if (t.scalar_type() == at::kFloat) *out = megatron_sr::kFloat32;
+  else return false;
+  return true;
 }
 
-// t must be a contiguous CUDA tensor on `device`, with `numel` elements.
-void check_tensor(const at::Tensor& t, const at::Device& device, int64_t numel, const char* what, size_t i) {
-  TORCH_CHECK(t.is_cuda(), "sr_adamw: ", what, "[", i, "] must be a CUDA tensor");
-  TORCH_CHECK(t.device() == device, "sr_adamw: ", what, "[", i, "] is on ", t.device(), ", params on ", device);
-  TORCH_CHECK(t.is_contiguous(), "sr_adamw: ", what, "[", i, "] must be contiguous");
-  TORCH_CHECK(t.numel() == numel, "sr_adamw: ", what, "[", i, "] has ", t.numel(), " elements, its param has ", numel);
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::ostringstream os;
+  os << "sr_adamw: ";
+  (os << ... << args);
+  return os.str();
 }
 
-std::tuple<at::Tensor, int64_t, std::vector<int64_t>> plan(
+// "" when t is a contiguous CUDA tensor on `device` with `numel` elements and dtype code `dtype`.
+std::string check_tensor(const at::Tensor& t, const at::Device& device, int64_t numel, SrDtype dtype,
+                         const char* what, size_t i) {
+  SrDtype code;
+  if (!t.is_cuda() || t.device() != device) return message(what, "[", i, "] is on ", t.device(), ", not ", device);
+  if (!t.is_contiguous()) return message(what, "[", i, "] is not contiguous");
+  if (t.numel() != numel) return message(what, "[", i, "] has ", t.numel(), " elements, its param ", numel);
+  if (!dtype_code(t, &code) || code != dtype)
+    return message(what, "[", i, "] has dtype ", t.scalar_type(), "; one launch takes one dtype per role");
+  return "";
+}
+
+std::tuple<std::string, at::Tensor, int64_t, std::vector<int64_t>> plan(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
     const std::vector<int64_t>& base_indices, const std::vector<double>& weight_decays) {
   const size_t n = params.size();
-  TORCH_CHECK(n > 0, "sr_adamw: empty chunk list");
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && base_indices.size() == n &&
-                  weight_decays.size() == n,
-              "sr_adamw: params, grads, exp_avgs, exp_avg_sqs, base_indices, weight_decays differ in length");
-  const SrDtype pd = dtype_code(params[0], "param", false);
-  const SrDtype gd = dtype_code(grads[0], "grad", false);
-  const SrDtype sd = dtype_code(exp_avgs[0], "exp_avg", true);
+  at::Tensor none;
+  if (n == 0 || grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n || base_indices.size() != n ||
+      weight_decays.size() != n)
+    return {message("empty chunk list or lists of different lengths"), none, 0, {}};
+  SrDtype pd, gd, sd;
+  if (!dtype_code(params[0], &pd) || !dtype_code(grads[0], &gd) || !dtype_code(exp_avgs[0], &sd))
+    return {message("params/grads/states must be bfloat16 or float32"), none, 0, {}};
   at::Tensor table = at::empty({static_cast<int64_t>(n * sizeof(SrAdamwChunk))}, at::kByte);
   auto* chunks = reinterpret_cast<SrAdamwChunk*>(table.data_ptr<uint8_t>());
+  const at::Device device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    const at::Device device = params[0].device();
-    check_tensor(p, device, p.numel(), "param", i);
-    check_tensor(g, device, p.numel(), "grad", i);
-    check_tensor(m, device, p.numel(), "exp_avg", i);
-    check_tensor(v, device, p.numel(), "exp_avg_sq", i);
-    TORCH_CHECK(dtype_code(p, "param", false) == pd && dtype_code(g, "grad", false) == gd &&
-                    dtype_code(m, "exp_avg", true) == sd && dtype_code(v, "exp_avg_sq", true) == sd,
-                "sr_adamw: chunk ", i, " mixes dtypes; one launch takes one (param, grad, state) dtype triple");
-    TORCH_CHECK(base_indices[i] >= 0, "sr_adamw: base_index must be >= 0, got ", base_indices[i]);
+    const int64_t numel = p.numel();
+    for (const std::string& err : {check_tensor(p, device, numel, pd, "param", i),
+                                   check_tensor(g, device, numel, gd, "grad", i),
+                                   check_tensor(m, device, numel, sd, "exp_avg", i),
+                                   check_tensor(v, device, numel, sd, "exp_avg_sq", i)})
+      if (!err.empty()) return {err, none, 0, {}};
+    if (base_indices[i] < 0) return {message("base_index must be >= 0, got ", base_indices[i]), none, 0, {}};
     SrAdamwChunk& c = chunks[i];
     c.param = p.data_ptr();
     c.grad = g.data_ptr();
     c.exp_avg = m.data_ptr();
     c.exp_avg_sq = v.data_ptr();
-    c.numel = p.numel();
+    c.numel = numel;
     c.base_index = base_indices[i];
     c.weight_decay = static_cast<float>(weight_decays[i]);  // round to FP32 once, like the reference
     c.tile_start = 0;
     c.vector_ok = 0;
   }
   const int64_t tiles = megatron_sr::sr_adamw_plan(chunks, static_cast<int32_t>(n), pd, gd, sd);
-  return {table, tiles, {static_cast<int64_t>(pd), static_cast<int64_t>(gd), static_cast<int64_t>(sd)}};
+  if (tiles > 0x7FFFFFFF) return {message("too many elements for one launch: ", tiles, " tiles"), none, 0, {}};
+  return {"", table, tiles, {static_cast<int64_t>(pd), static_cast<int64_t>(gd), static_cast<int64_t>(sd)}};
 }
 
-void step(const at::Tensor& table, int64_t num_chunks, int64_t num_tiles, const std::vector<int64_t>& dtypes,
-          const at::Tensor& scalars, const c10::optional<at::Tensor>& step_tensor, int64_t step_value, double beta1,
-          double beta2, double eps, double one_minus_beta1, double one_minus_beta2, int64_t key0, int64_t key1,
-          bool stochastic) {
-  TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kByte && table.is_contiguous() &&
-                  table.numel() == num_chunks * static_cast<int64_t>(sizeof(SrAdamwChunk)),
-              "sr_adamw: chunk table must be the CUDA copy of plan()'s table");
-  TORCH_CHECK(dtypes.size() == 3, "sr_adamw: dtypes must be plan()'s triple");
-  TORCH_CHECK(scalars.is_cuda() && scalars.device() == table.device() && scalars.scalar_type() == at::kFloat &&
-                  scalars.is_contiguous() && scalars.numel() >= 3,
-              "sr_adamw: scalars must be a contiguous float32 CUDA tensor [lr, bc1, bc2] on the params' device");
+at::Tensor tile_map(const at::Tensor& table, int64_t num_tiles) {
+  at::Tensor out = at::empty({std::max<int64_t>(num_tiles, 1)}, at::kInt);
+  const int64_t n = table.numel() / static_cast<int64_t>(sizeof(SrAdamwChunk));
+  megatron_sr::sr_adamw_tile_map(reinterpret_cast<const SrAdamwChunk*>(table.data_ptr<uint8_t>()),
+                                 static_cast<int32_t>(n), num_tiles, out.data_ptr<int32_t>());
+  return out;
+}
+
+std::string step(const at::Tensor& table, const at::Tensor& tiles_to_chunks, int64_t num_tiles,
+                 const std::vector<int64_t>& dtypes, const at::Tensor& scalars,
+                 const c10::optional<at::Tensor>& step_tensor, int64_t step_value, double beta1, double beta2,
+                 double eps, double one_minus_beta1, double one_minus_beta2, int64_t key0, int64_t key1,
+                 bool stochastic) {
+  const int64_t num_chunks = table.numel() / static_cast<int64_t>(sizeof(SrAdamwChunk));
+  if (!table.is_cuda() || table.scalar_type() != at::kByte || !table.is_contiguous() || num_chunks == 0 ||
+      !tiles_to_chunks.is_cuda() || tiles_to_chunks.scalar_type() != at::kInt ||
+      tiles_to_chunks.numel() < num_tiles || dtypes.size() != 3)
+    return message("chunk table and tile map must be the CUDA copies of plan() and tile_map()");
+  if (!scalars.is_cuda() || scalars.device() != table.device() || scalars.scalar_type() != at::kFloat ||
+      !scalars.is_contiguous() || scalars.numel() < 3)
+    return message("scalars must be a contiguous float32 CUDA tensor [lr, bc1, bc2] on the params' device");
   const int64_t* step_ptr = nullptr;
   if (step_tensor.has_value()) {
     const at::Tensor& s = *step_tensor;
-    TORCH_CHECK(s.is_cuda() && s.device() == table.device() && s.scalar_type() == at::kLong && s.numel() == 1,
-                "sr_adamw: step tensor must be a one-element int64 CUDA tensor on the params' device");
+    if (!s.is_cuda() || s.device() != table.device() || s.scalar_type() != at::kLong || s.numel() != 1)
+      return message("step tensor must be a one-element int64 CUDA tensor on the params' device");
     step_ptr = s.data_ptr<int64_t>();
   }
   const c10::cuda::CUDAGuard guard(table.device());
   megatron_sr::SrAdamwParams a{};
   a.chunks = reinterpret_cast<const SrAdamwChunk*>(table.data_ptr<uint8_t>());
+  a.tile_chunk = tiles_to_chunks.data_ptr<int32_t>();
   a.num_chunks = static_cast<int32_t>(num_chunks);
   a.num_tiles = num_tiles;
   a.scalars = scalars.data_ptr<float>();
@@ -111,13 +139,14 @@ void step(const at::Tensor& table, int64_t num_chunks, int64_t num_tiles, const 
   a.grad_dtype = static_cast<SrDtype>(dtypes[1]);
   a.state_dtype = static_cast<SrDtype>(dtypes[2]);
   const cudaError_t err = megatron_sr::sr_adamw_launch(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "sr_adamw: kernel launch failed: ", cudaGetErrorString(err));
+  return err == cudaSuccess ? "" : message("kernel launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused stochastic-rounding AdamW (megatron_sr)";
-  m.def("plan", &plan, "Check a chunk list and build its chunk table (CPU uint8) and tile count");
-  m.def("step", &step, "One SR AdamW step over a planned chunk table (on the params' device)");
+  m.def("plan", &plan, "Check a chunk list; build its chunk table (CPU uint8) and tile count; error or \"\"");
+  m.def("tile_map", &tile_map, "The chunk index of each tile of a planned table (CPU int32)");
+  m.def("step", &step, "One SR AdamW step over a planned chunk table on the params' device; error or \"\"");
 }

@@ -11,7 +11,10 @@ namespace megatron_sr {
 enum SrDtype : int32_t { kFloat32 = 0, kBFloat16 = 1 };
 
 constexpr int kThreads = 256;          // threads per block
-constexpr int kGroupsPerThread = 2;    // Philox groups (8 elements each) per thread per tile
+#ifndef SR_ADAMW_GROUPS_PER_THREAD
+#define SR_ADAMW_GROUPS_PER_THREAD 4
+#endif
+constexpr int kGroupsPerThread = SR_ADAMW_GROUPS_PER_THREAD;  // Philox groups (8 elements) per thread per tile
 constexpr int kTileGroups = kThreads * kGroupsPerThread;
 constexpr int kElementsPerGroup = 8;   // one Philox4x32 call = 128 bits = 8 x 16 rounding bits
 
@@ -31,6 +34,7 @@ static_assert(sizeof(SrAdamwChunk) == 64, "SrAdamwChunk layout is part of the bi
 
 struct SrAdamwParams {
   const SrAdamwChunk* chunks;  // device memory, num_chunks entries, planned by sr_adamw_plan
+  const int32_t* tile_chunk;   // device memory, num_tiles entries: the chunk of each tile (sr_adamw_tile_map)
   int32_t num_chunks;
   int64_t num_tiles;
   const float* scalars;        // device FP32 [lr, bc1, bc2]
@@ -45,6 +49,9 @@ struct SrAdamwParams {
 // Host: fills tile_start and vector_ok of each chunk; returns the number of tiles (blocks) to launch.
 int64_t sr_adamw_plan(SrAdamwChunk* chunks, int32_t num_chunks, SrDtype param_dtype, SrDtype grad_dtype,
                       SrDtype state_dtype);
+
+// Host: out[t] = index of the chunk that tile t belongs to, for t < num_tiles (planned chunks).
+void sr_adamw_tile_map(const SrAdamwChunk* chunks, int32_t num_chunks, int64_t num_tiles, int32_t* out);
 
 // Host: one launch for every chunk on `stream`. Returns the launch error, if any.
 cudaError_t sr_adamw_launch(const SrAdamwParams& params, cudaStream_t stream);
