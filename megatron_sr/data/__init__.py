@@ -1,14 +1,29 @@
 """Data pipeline: sentencepiece tokenizer, Megatron's indexed dataset (.bin/.idx), GPT datasets,
-blends and the pretraining sampler. See docs/data.md."""
-from .blended import BlendedDataset
-from .builders import build_gpt_datasets, parse_data_path, parse_split
-from .gpt_dataset import GPTDataset
-from .indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, optimal_dtype
-from .sampler import PretrainingSampler, build_pretraining_data_loader
-from .tokenizer import SentencePieceTokenizer
+blends and the pretraining sampler. See docs/data.md.
 
-__all__ = [
-    "BlendedDataset", "GPTDataset", "IndexedDataset", "IndexedDatasetError", "IndexedDatasetWriter",
-    "PretrainingSampler", "SentencePieceTokenizer", "build_gpt_datasets", "build_pretraining_data_loader",
-    "optimal_dtype", "parse_data_path", "parse_split",
-]
+Names are imported on first use, so the tools (which need neither torch nor the GPT dataset) start fast.
+"""
+import importlib
+
+_EXPORTS = {
+    "SentencePieceTokenizer": "tokenizer",
+    "IndexedDataset": "indexed_dataset", "IndexedDatasetError": "indexed_dataset",
+    "IndexedDatasetWriter": "indexed_dataset", "optimal_dtype": "indexed_dataset",
+    "GPTDataset": "gpt_dataset", "BlendedDataset": "blended",
+    "build_gpt_datasets": "builders", "parse_data_path": "builders", "parse_split": "builders",
+    "PretrainingSampler": "sampler", "build_pretraining_data_loader": "sampler",
+    "DataInputError": "corpus",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

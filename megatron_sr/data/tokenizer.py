@@ -48,7 +48,8 @@ class SentencePieceTokenizer:
         return out
 
     def detokenize(self, ids) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self._sp.DecodeIds(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.IdToPiece(int(i))

@@ -1,0 +1,132 @@
+"""Corpus -> Megatron indexed dataset, with tokenizer worker processes (tools/preprocess_data.py)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .corpus import CorpusConfig, DataInputError, expand_inputs, iter_documents
+from .indexed_dataset import IndexedDatasetWriter, check_vocab_fits, optimal_dtype
+from .tokenizer import SentencePieceTokenizer
+
+BATCH_DOCS = 64  # documents per worker task: large enough to amortise IPC, small enough to keep order cheap
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    inputs: tuple[str, ...]
+    output_prefix: str
+    tokenizer_model: str
+    corpus: CorpusConfig
+    append_eod: bool = False
+    workers: int = 1
+    dtype: str = "auto"  # auto (Megatron's rule), uint16 or int32
+    progress: bool = True
+
+
+@dataclass
+class PreprocessStats:
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    seconds: float = 0.0
+    outputs: tuple[str, ...] = ()
+
+
+def output_prefixes(cfg: PreprocessConfig) -> list[str]:
+    """Megatron's naming: PREFIX_{key}_document for each JSON key."""
+    return [f"{cfg.output_prefix}_{key}_document" for key in cfg.corpus.json_keys]
+
+
+_worker_tokenizer: SentencePieceTokenizer | None = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = SentencePieceTokenizer(model_path)
+
+
+def _encode_batch(args) -> tuple[list[list[np.ndarray]], int]:
+    """Token arrays for each document and key, and the UTF-8 bytes of text encoded."""
+    batch, append_eod, dtype = args
+    tok = _worker_tokenizer
+    out, nbytes = [], 0
+    for doc in batch:
+        per_key = []
+        for text in doc:
+            nbytes += len(text.encode("utf-8", "surrogatepass"))
+            ids = tok.tokenize(text)
+            if append_eod:
+                ids.append(tok.eod_id)
+            per_key.append(np.asarray(ids, dtype=dtype))
+        out.append(per_key)
+    return out, nbytes
+
+
+def _batches(docs: Iterator[tuple[str, ...]]) -> Iterator[list[tuple[str, ...]]]:
+    while True:
+        batch = list(islice(docs, BATCH_DOCS))
+        if not batch:
+            return
+        yield batch
+
+
+def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
+    files = expand_inputs(list(cfg.inputs))
+    if not files:
+        raise DataInputError(f"--input {' '.join(cfg.inputs)}: no files found")
+    tokenizer = SentencePieceTokenizer(cfg.tokenizer_model)
+    dtype = optimal_dtype(tokenizer.vocab_size) if cfg.dtype == "auto" else np.dtype(cfg.dtype)
+    check_vocab_fits(tokenizer.vocab_size, dtype, what=f"{cfg.tokenizer_model} with --dtype {dtype.name}")
+    if cfg.workers < 1:
+        raise DataInputError(f"--workers: expected a positive number, got {cfg.workers}")
+
+    stats = PreprocessStats(outputs=tuple(output_prefixes(cfg)))
+    writers = [IndexedDatasetWriter(p, dtype) for p in stats.outputs]
+    pool = None
+    if cfg.workers > 1:
+        # fork where we can: spawn would re-import torch in every worker (seconds each)
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = mp.get_context(method).Pool(cfg.workers, initializer=_init_worker,
+                                           initargs=(cfg.tokenizer_model,))
+    start = time.perf_counter()
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", file=sys.stderr,
+               disable=not cfg.progress, smoothing=0.1)
+    try:
+        tasks = ((batch, cfg.append_eod, dtype) for batch in _batches(iter_documents(files, cfg.corpus)))
+        if pool is None:
+            _init_worker(cfg.tokenizer_model)
+            results = map(_encode_batch, tasks)
+        else:
+            results = pool.imap(_encode_batch, tasks)  # imap keeps input order: output is worker-independent
+        for encoded, nbytes in results:
+            for per_key in encoded:
+                for writer, ids in zip(writers, per_key):
+                    writer.add_document(ids)
+                stats.tokens += sum(len(ids) for ids in per_key)
+            stats.documents += len(encoded)
+            stats.text_bytes += nbytes
+            bar.update(nbytes)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{stats.documents} docs, {stats.documents / elapsed:.0f} docs/s", refresh=False)
+        if stats.documents == 0:
+            raise DataInputError(f"--input {' '.join(cfg.inputs)}: empty corpus (no documents)")
+        for w in writers:
+            w.finalize()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    stats.seconds = time.perf_counter() - start
+    return stats
