@@ -1,0 +1,242 @@
+"""The sharded SR AdamW optimizer over a DistributedDataParallel model's buffers.
+
+Each data-parallel rank owns one contiguous shard of every bucket (ParamAndGradBuffer) and keeps the
+optimizer states (FP32 by default) for that shard only. One step:
+
+1. finish the gradient sync (the buckets' reduce-scatters, started during backward);
+2. the global gradient norm: squares summed over this rank's pieces of the parameters it counts
+   (tensor-parallel replicas and the last stage's tied-embedding copy are counted on one rank only),
+   all-reduced over the dp, tp and pp groups; NaN/Inf skips the step on every rank alike;
+3. clipping, then `adamw_step_` on the shard's pieces, each with its *unsharded* stream index
+   (`param.sr_index_base` + offset in the param) and its parameter's key, so the shard's update is
+   bitwise the slice of the unsharded update; BF16 results go straight into the parameter buffer;
+4. all-gather of the parameter buffer, bucket by bucket.
+
+With `shard_over_dp=False` (plain data parallelism: grads all-reduced) every rank updates whole
+buckets and no all-gather is needed; with dp = 1 both modes are the single-process update.
+`precision="bf16-mp"` keeps an FP32 master copy of the shard (Megatron's baseline, for comparison).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..optimizer.adamw_reference import AdamWConstants, step_scalars
+from ..optimizer.dispatch import AdamWChunk, adamw_step_
+from ..parallel import parallel_state as ps
+from ..parallel.sr_streams import sr_key_for
+from .data_parallel import DistributedDataParallel
+
+STATE_FORMAT = "megatron_sr.distributed_optimizer/1"
+PRECISIONS = ("bf16-sr", "bf16", "bf16-mp", "fp32")
+
+
+@dataclass
+class StepResult:
+    updated: bool
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_grad: float = 0.0  # 0: no clipping
+    seed: int = 1234
+    precision: str = "bf16-sr"
+    state_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class _Piece:
+    param: nn.Parameter
+    name: str
+    lo: int  # range in the buffers
+    hi: int
+    offset: int  # first element's flat offset inside the param
+    state_offset: int  # range start in this rank's flat state tensors
+
+
+def counts_in_grad_norm(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this rank adds param's gradient to the global norm (each parameter exactly once)."""
+    if getattr(param, "shared_embedding_copy", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or tp_rank == 0
+
+
+class DistributedOptimizer:
+    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, shard_over_dp: bool | None = None,
+                 tp_group=None, pp_group=None):
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        self.model = model
+        self.config = config
+        self.lr = config.lr
+        self.step_count = 0
+        self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
+        if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
+            raise ValueError("sharding the optimizer needs DDP with use_distributed_optimizer=True (reduce-scatter)")
+        self.tp_group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
+        self.pp_group = pp_group if pp_group is not None else ps.get_pipeline_model_parallel_group()
+        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+        self.consts = AdamWConstants.make(config.beta1, config.beta2, config.eps)
+        self.rounding = "nearest" if config.precision in ("bf16", "bf16-mp") else "stochastic"
+        buf = model.buffer
+        names = {p: n for n, p in model.module.named_parameters()}
+        self.pieces: list[_Piece] = []
+        total = 0
+        for p, lo, hi, off in buf.shard_pieces(model.dp_rank, self.shard):
+            if not hasattr(p, "sr_index_base"):
+                raise ValueError(f"parameter {names[p]} has no sr_index_base: call "
+                                 "megatron_sr.parallel.sr_streams.assign_sr_streams(model) before wrapping it")
+            self.pieces.append(_Piece(p, names[p], lo, hi, off, total))
+            total += hi - lo
+        device = buf.param_data.device
+        self.exp_avg = torch.zeros(total, dtype=config.state_dtype, device=device)
+        self.exp_avg_sq = torch.zeros(total, dtype=config.state_dtype, device=device)
+        self.master = None
+        if config.precision == "bf16-mp":
+            self.master = torch.empty(total, dtype=torch.float32, device=device)
+            for pc in self.pieces:
+                self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo].copy_(buf.param_data[pc.lo:pc.hi])
+        self._groups = self._chunk_groups()
+
+    def _chunk_groups(self):
+        """AdamW chunks grouped by SR key (adamw_step_ takes one key per call)."""
+        buf = self.model.buffer
+        groups: dict[object, list[AdamWChunk]] = defaultdict(list)
+        for pc in self.pieces:
+            n = pc.hi - pc.lo
+            s = slice(pc.state_offset, pc.state_offset + n)
+            param = self.master[s] if self.master is not None else buf.param_data[pc.lo:pc.hi]
+            wd = self.config.weight_decay if pc.param.dim() > 1 else 0.0  # none on biases and norm weights
+            groups[sr_key_for(pc.param, self.config.seed)].append(AdamWChunk(
+                param, buf.grad_data[pc.lo:pc.hi], self.exp_avg[s], self.exp_avg_sq[s],
+                pc.param.sr_index_base + pc.offset, wd))
+        return dict(groups)
+
+    # ---- the trainer's optimizer interface ----
+    @property
+    def param_groups(self) -> list[dict]:
+        return [{"lr": self.lr}]
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (FP32 tensor), the same on every rank."""
+        buf = self.model.buffer
+        sq = torch.zeros((), dtype=torch.float32, device=buf.grad_data.device)
+        for pc in self.pieces:
+            if counts_in_grad_norm(pc.param, self.tp_rank):
+                g = buf.grad_data[pc.lo:pc.hi].float()
+                sq += torch.dot(g, g)
+        groups = [self.model.dp_group if self.shard else None, self.tp_group, self.pp_group]
+        for group in groups:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(sq, group=group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        self.model.finish_grad_sync()
+        norm = self.grad_norm()
+        norm_value = float(norm)
+        if not torch.isfinite(norm).item():
+            return StepResult(updated=False, grad_norm=norm_value, skipped=True)
+        buf = self.model.buffer
+        if self.config.clip_grad > 0:
+            coef = self.config.clip_grad / (norm_value + 1e-6)
+            if coef < 1.0:
+                for pc in self.pieces:
+                    buf.grad_data[pc.lo:pc.hi].mul_(coef)
+        self.step_count += 1
+        device = buf.param_data.device
+        scalars = step_scalars(self.lr, self.step_count, self.config.beta1, self.config.beta2, device)
+        for key, chunks in self._groups.items():
+            adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+                        rounding=self.rounding, key=key)
+        if self.master is not None:
+            for pc in self.pieces:
+                buf.param_data[pc.lo:pc.hi].copy_(self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo])
+        self._all_gather_params()
+        return StepResult(updated=True, grad_norm=norm_value, skipped=False)
+
+    def _all_gather_params(self) -> None:
+        model = self.model
+        if not self.shard or model.dp_size == 1:
+            return
+        buf = model.buffer
+        handles = []
+        for bucket in buf.buckets:
+            lo, hi = bucket.shard_range(model.dp_rank, model.dp_size)
+            handles.append(dist.all_gather_into_tensor(buf.bucket_param_data(bucket), buf.param_data[lo:hi].clone(),
+                                                       group=model.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
+
+    # ---- checkpoint state: pieces named by parameter, so any dp layout can load any other ----
+    def state_dict(self) -> dict:
+        pieces = [{"name": pc.name, "offset": pc.offset, "numel": pc.hi - pc.lo, "state_offset": pc.state_offset}
+                  for pc in self.pieces]
+        return {"format": STATE_FORMAT, "step": self.step_count, "lr": self.lr, "pieces": pieces,
+                "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "master": None if self.master is None else self.master.clone()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state saved by any dp rank layout (merge several shards first with `merge_state_dicts`)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"optimizer state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
+        by_name = defaultdict(list)
+        for sp in state["pieces"]:
+            by_name[sp["name"]].append(sp)
+        for pc in self.pieces:
+            n = pc.hi - pc.lo
+            covered = 0
+            for sp in by_name.get(pc.name, []):
+                lo, hi = max(pc.offset, sp["offset"]), min(pc.offset + n, sp["offset"] + sp["numel"])
+                if lo >= hi:
+                    continue
+                dst = slice(pc.state_offset + lo - pc.offset, pc.state_offset + hi - pc.offset)
+                src = slice(sp["state_offset"] + lo - sp["offset"], sp["state_offset"] + hi - sp["offset"])
+                self.exp_avg[dst].copy_(state["exp_avg"][src])
+                self.exp_avg_sq[dst].copy_(state["exp_avg_sq"][src])
+                if self.master is not None and state.get("master") is not None:
+                    self.master[dst].copy_(state["master"][src])
+                covered += hi - lo
+            if covered != n:
+                raise ValueError(f"optimizer state: parameter {pc.name} elements [{pc.offset}, {pc.offset + n}) "
+                                 f"are not all in the checkpoint ({covered} of {n} found)")
+        if self.master is not None and state.get("master") is None:  # saved without a master: start from params
+            for pc in self.pieces:
+                self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo].copy_(
+                    self.model.buffer.param_data[pc.lo:pc.hi])
+        self.step_count = int(state["step"])
+        self.lr = float(state.get("lr", self.lr))
+
+
+def merge_state_dicts(states: list[dict]) -> dict:
+    """Concatenate several ranks' optimizer states into one state that `load_state_dict` accepts."""
+    if not states:
+        raise ValueError("merge_state_dicts: no states given")
+    pieces, base = [], 0
+    for st in states:
+        for sp in st["pieces"]:
+            pieces.append(dict(sp, state_offset=sp["state_offset"] + base))
+        base += st["exp_avg"].numel()
+    masters = [st.get("master") for st in states]
+    return {"format": STATE_FORMAT, "step": states[0]["step"], "lr": states[0]["lr"], "pieces": pieces,
+            "exp_avg": torch.cat([st["exp_avg"] for st in states]),
+            "exp_avg_sq": torch.cat([st["exp_avg_sq"] for st in states]),
+            "master": torch.cat(masters) if all(m is not None for m in masters) else None}
