@@ -96,8 +96,9 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         pool = mp.get_context(method).Pool(cfg.workers, initializer=_init_worker,
                                            initargs=(cfg.tokenizer_model,))
     start = time.perf_counter()
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", file=sys.stderr,
-               disable=not cfg.progress, smoothing=0.1)
+    # counts MB of text, so the rate reads MB/s; documents/s goes in the postfix
+    bar = tqdm(unit="MB", desc="tokenizing", file=sys.stderr, disable=not cfg.progress, smoothing=0.1,
+               bar_format="{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}{postfix}]")
     try:
         tasks = ((batch, cfg.append_eod, dtype) for batch in _batches(iter_documents(files, cfg.corpus)))
         if pool is None:
@@ -112,7 +113,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
                 stats.tokens += sum(len(ids) for ids in per_key)
             stats.documents += len(encoded)
             stats.text_bytes += nbytes
-            bar.update(nbytes)
+            bar.update(nbytes / 1e6)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{stats.documents} docs, {stats.documents / elapsed:.0f} docs/s", refresh=False)
         if stats.documents == 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
@@ -54,6 +55,7 @@ def train_sentencepiece(documents: Iterable[str], output_prefix: str, vocab_size
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        msg = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", msg)  # drop sentencepiece's source location
         raise ValueError(f"sentencepiece training failed: {msg}") from None
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     proto = model.getvalue()
