@@ -4,16 +4,17 @@
 //   plan(params, grads, exp_avgs, exp_avg_sqs, base_indices, weight_decays) -> (error, table, tiles, dtypes)
 //   tile_map(table, tiles) -> int32 CPU tensor: the chunk of each tile
 //   step(table, tile_map, tiles, dtypes, scalars, step_tensor|None, step_value, consts..., key, sr) -> error
-// Errors come back as strings ("" = fine) instead of C++ exceptions: a failed TORCH_CHECK crashed the
-// process on the lent GPU machine's toolchain, so the binding never throws and Python raises instead.
+// Errors come back as strings ("" = fine) instead of C++ exceptions, and are built without iostreams: on the
+// lent GPU machine a failed TORCH_CHECK, and later an error message built with std::ostringstream, crashed
+// the process (cause not established), so the binding never throws and Python raises instead.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "sr_adamw.h"
@@ -30,23 +31,26 @@ bool dtype_code(const at::Tensor& t, SrDtype* out) {
   return true;
 }
 
+// Error text without iostreams (see the header comment): strings and integers only.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string piece(T v) { return std::to_string(v); }
+
 template <typename... Args>
 std::string message(const Args&... args) {
-  std::ostringstream os;
-  os << "sr_adamw: ";
-  (os << ... << args);
-  return os.str();
+  return (std::string("sr_adamw: ") + ... + piece(args));
 }
 
 // "" when t is a contiguous CUDA tensor on `device` with `numel` elements and dtype code `dtype`.
 std::string check_tensor(const at::Tensor& t, const at::Device& device, int64_t numel, SrDtype dtype,
                          const char* what, size_t i) {
   SrDtype code;
-  if (!t.is_cuda() || t.device() != device) return message(what, "[", i, "] is on ", t.device(), ", not ", device);
+  if (!t.is_cuda() || t.device() != device) return message(what, "[", i, "] is on ", t.device().str(), ", not ", device.str());
   if (!t.is_contiguous()) return message(what, "[", i, "] is not contiguous");
   if (t.numel() != numel) return message(what, "[", i, "] has ", t.numel(), " elements, its param ", numel);
   if (!dtype_code(t, &code) || code != dtype)
-    return message(what, "[", i, "] has dtype ", t.scalar_type(), "; one launch takes one dtype per role");
+    return message(what, "[", i, "] has dtype ", c10::toString(t.scalar_type()), "; one launch takes one dtype per role");
   return "";
 }
 
@@ -55,7 +59,7 @@ std::tuple<std::string, at::Tensor, int64_t, std::vector<int64_t>> plan(
     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
     const std::vector<int64_t>& base_indices, const std::vector<double>& weight_decays) {
   const size_t n = params.size();
-  at::Tensor none;
+  const at::Tensor none = at::empty({0}, at::kByte);  // a defined tensor even on errors
   if (n == 0 || grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n || base_indices.size() != n ||
       weight_decays.size() != n)
     return {message("empty chunk list or lists of different lengths"), none, 0, {}};
