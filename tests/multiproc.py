@@ -59,7 +59,7 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "megatron_sr.parallel.parallel_state"])
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "pytest", "megatron_sr.parallel.parallel_state"])
     return _CTX
 
 

@@ -35,6 +35,7 @@ _DP_GLOBAL_RANKS: list[int] = [0]
 _TP_GLOBAL_RANKS: list[int] = [0]
 _INITIALIZED = False
 _OWNS_PROCESS_GROUP = False
+_CREATED_GROUPS: list = []  # every new_group we made (also those this rank is not in), freed on destroy
 
 
 def _env_int(name: str, default: int) -> int:
@@ -103,6 +104,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         mine, my_ranks = None, None
         for ranks in groups[kind]:
             group = dist.new_group(ranks, backend=group_backend)
+            if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+                _CREATED_GROUPS.append(group)
             if rank in ranks:
                 mine, my_ranks = group, ranks
         return mine, my_ranks
@@ -124,8 +127,13 @@ def destroy_model_parallel() -> None:
     global _TP_SIZE, _TP_RANK, _PP_SIZE, _PP_RANK, _DP_SIZE, _DP_RANK, _TP_GROUP, _PP_GROUP, _DP_GROUP
     global _MP_GROUP, _EMBEDDING_GROUP, _EMBEDDING_RANKS, _PP_GLOBAL_RANKS, _DP_GLOBAL_RANKS, _TP_GLOBAL_RANKS
     global _INITIALIZED, _OWNS_PROCESS_GROUP
-    if _OWNS_PROCESS_GROUP and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():
+        if _OWNS_PROCESS_GROUP:
+            dist.destroy_process_group()  # also frees every subgroup
+        else:
+            for group in _CREATED_GROUPS:
+                dist.destroy_process_group(group)
+    _CREATED_GROUPS.clear()
     _TP_SIZE = _PP_SIZE = _DP_SIZE = 1
     _TP_RANK = _PP_RANK = _DP_RANK = 0
     _TP_GROUP = _PP_GROUP = _DP_GROUP = _MP_GROUP = _EMBEDDING_GROUP = None
