@@ -4,42 +4,20 @@ Each multi-process test runs its checks inside the ranks (a failed assert fails 
 single-process reference is computed in every rank from the same seeds, with no process group.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import run_ranks
 from torch import nn
 
 from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig
+from megatron_sr.parallel import parallel_state as ps
 from megatron_sr.parallel.sr_streams import assign_sr_streams
 
 DIM_IN, HIDDEN, DIM_OUT = 12, 20, 6
 
 
 # ---------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world, fn, *args):
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
-
-
 def make_model(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(DIM_IN, HIDDEN), nn.GELU(), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, DIM_OUT))
@@ -86,7 +64,7 @@ def train(dtype, grad_dtype, precision, data, *, dp_group=None, dp_rank=0, dp_si
 def _check_bf16_sr_sharded_equals_unsharded(rank, world):
     """Identical data on every dp rank: the dp-average is exact, so the sharded update must equal the
     single-process (unsharded) update bit for bit, with shards cutting through parameters."""
-    group = dist.group.WORLD
+    group = ps.get_data_parallel_group()
     data = batches(3, 4 * world)
     same = [(x.repeat(world, 1), y.repeat(world, 1)) for x, y in data]  # every rank sees x
     for grad_dtype in (torch.bfloat16, torch.float32):
@@ -108,7 +86,7 @@ def _check_bf16_sr_sharded_equals_unsharded(rank, world):
 
 
 def _check_fp32_matches_single_process(rank, world):
-    group = dist.group.WORLD
+    group = ps.get_data_parallel_group()
     data = batches(4, 4 * world)
     _, _, ref_losses, ref_norms = train(torch.float32, torch.float32, "fp32", data, clip=0.05)
     ref_params = None
@@ -124,7 +102,7 @@ def _check_fp32_matches_single_process(rank, world):
 
 
 def _check_bf16_sr_replicas_identical(rank, world):
-    group = dist.group.WORLD
+    group = ps.get_data_parallel_group()
     data = batches(3, 4 * world)
     for distributed in (True, False):
         ddp, _, losses, _ = train(torch.bfloat16, torch.bfloat16, "bf16-sr", data, dp_group=group, dp_rank=rank,
@@ -139,7 +117,7 @@ def _check_overlap(rank, world):
     """A bucket's reduce-scatter is launched while backward still has gradients to produce."""
     model = make_model(torch.bfloat16)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.bfloat16, use_distributed_optimizer=True,
-                                                   bucket_size=50), dp_group=dist.group.WORLD)
+                                                   bucket_size=50), dp_group=ps.get_data_parallel_group())
     assert len(ddp.buffer.buckets) >= 3
     ddp.event_log = []
     x, y = batches(1, 4)[0]
@@ -152,7 +130,9 @@ def _check_overlap(rank, world):
     ddp.finish_grad_sync()
 
 
-def _run_all(rank, world):
+def _run_all(world):
+    ps.initialize_model_parallel(1, 1)  # all ranks data-parallel
+    rank = ps.get_data_parallel_rank()
     _check_overlap(rank, world)
     _check_bf16_sr_sharded_equals_unsharded(rank, world)
     _check_fp32_matches_single_process(rank, world)
@@ -162,7 +142,7 @@ def _run_all(rank, world):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_data_parallel_and_distributed_optimizer(world):
-    spawn(world, _run_all)
+    run_ranks(world, _run_all, world)
 
 
 # ---------------------------------------------------------------- single process

@@ -185,6 +185,15 @@ class DistributedOptimizer:
         for handle in handles:
             handle.wait()
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for params, grads and optimizer states (FP32 master included), from the
+        real buffers: the numbers behind design.md's bytes-per-parameter formula."""
+        buf = self.model.buffer
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        states = size(self.exp_avg) + size(self.exp_avg_sq) + (size(self.master) if self.master is not None else 0)
+        return {"params": size(buf.param_data), "grads": size(buf.grad_data), "optimizer_states": states,
+                "num_params": buf.numel_unpadded}
+
     # ---- checkpoint state: pieces named by parameter, so any dp layout can load any other ----
     def state_dict(self) -> dict:
         pieces = [{"name": pc.name, "offset": pc.offset, "numel": pc.hi - pc.lo, "state_offset": pc.state_offset}
