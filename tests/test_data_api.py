@@ -183,3 +183,34 @@ def test_sampler_resumes_from_consumed_samples():
     resumed = _ids(build_pretraining_data_loader(ds, 5 * 8, 4, 1, 2))
     assert resumed == full[5:]
     assert build_pretraining_data_loader(None, 0, 1, 0, 1) is None
+
+
+def test_indexed_dataset_pickles_by_path(tmp_path):
+    import pickle
+    write_synthetic(str(tmp_path / "d"), [1000] * 50)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000  # not the 100 kB of tokens
+    np.testing.assert_array_equal(pickle.loads(blob)[7], ds[7])
+
+
+def test_loader_over_gpt_dataset_with_workers_and_resume(tmp_path):
+    write_synthetic(str(tmp_path / "d"), np.random.default_rng(0).integers(1, 60, size=80))
+    train, _, _ = build_gpt_datasets([str(tmp_path / "d")], "1", 12, 5, (64, 0, 0))
+    expected = torch.stack([train[i]["tokens"] for i in range(len(train))])
+    # dp=2, mbs=3: rank r gets samples [6k + 3r, 6k + 3r + 3) of each step k
+    for rank in (0, 1):
+        batches = list(build_pretraining_data_loader(train, 0, 3, rank, 2, num_workers=2))
+        assert all(b["tokens"].shape == (3, 13) for b in batches)
+        for k, b in enumerate(batches):
+            assert torch.equal(b["tokens"], expected[6 * k + 3 * rank: 6 * k + 3 * rank + 3])
+        resumed = list(build_pretraining_data_loader(train, 4 * 6, 3, rank, 2))
+        assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(resumed, batches[4:], strict=True))
+
+
+def test_blend_without_weights_weighs_by_tokens(tmp_path):
+    write_synthetic(str(tmp_path / "a"), [30] * 30)   # 900 tokens
+    write_synthetic(str(tmp_path / "b"), [30] * 10)   # 300 tokens
+    train, _, _ = build_gpt_datasets([str(tmp_path / "a"), str(tmp_path / "b")], "1", 8, 0, (200, 0, 0))
+    assert np.allclose(train.weights, [0.75, 0.25])
+    assert abs(int((train.dataset_index == 1).sum()) - 50) <= 1

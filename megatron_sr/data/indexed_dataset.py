@@ -69,6 +69,13 @@ class IndexedDataset:
         else:
             self._tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
 
+    # Pickle by path (DataLoader workers started with spawn): a memmap would otherwise be copied whole.
+    def __getstate__(self):
+        return {"path_prefix": self.path_prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"])
+
     def _read_index(self, idx_path: str) -> None:
         size = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
