@@ -1,0 +1,196 @@
+"""Sharded checkpoints: every rank writes its own part, in Megatron's directory layout.
+
+    <dir>/latest_checkpointed_iteration.txt       "10"
+    <dir>/iter_0000010/metadata.json              format, iteration, tp, pp, dp, distributed optimizer
+    <dir>/iter_0000010/common.pt                  trainer state (config, consumed samples, ...) from rank 0
+    <dir>/iter_0000010/mp_rank_TT_PPP/model.pt    this (tp, pp) rank's parameters, written by dp rank 0
+    <dir>/iter_0000010/mp_rank_TT_PPP/optim_dp_DDD.pt  optimizer state of dp rank DDD (only dp 0 when unsharded)
+    <dir>/iter_0000010/mp_rank_TT_PPP/rank_dp_DDD.pt   per-rank state (RNG), when given
+
+model.pt = {"model": {name: tensor}, "params": {name: {"partition_dim", "shared_embedding_copy"}},
+"tp_rank", "pp_rank", "tp", "pp"}. Optimizer states are stored per named parameter piece
+(distributed_optimizer.state_dict), so a checkpoint loads at any dp size; changing tp or pp goes
+through tools/convert_checkpoint.py. Saving is atomic: all ranks write into iter_XXXXXXX.tmp, then
+rank 0 renames it and replaces the `latest` file, so a crash never leaves a half-written iteration.
+A shared filesystem is assumed across nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel import parallel_state as ps
+from .data_parallel import DistributedDataParallel
+from .distributed_optimizer import DistributedOptimizer, merge_state_dicts
+
+FORMAT = "megatron_sr.checkpoint/1"
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def mp_rank_dir(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def model_shard(model: nn.Module) -> dict:
+    """This rank's parameters (copied: they are views into one big buffer) and what conversion needs."""
+    module = _unwrap(model)
+    params = dict(module.named_parameters())
+    return {
+        "model": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "params": {k: {"partition_dim": int(getattr(p, "partition_dim", -1)),
+                       "shared_embedding_copy": bool(getattr(p, "shared_embedding_copy", False))}
+                   for k, p in params.items()},
+        "tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def save_checkpoint(root: str | Path, iteration: int, model: nn.Module, optimizer=None, *,
+                    common: dict | None = None, rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dp_rank = ps.get_data_parallel_rank()
+    shard_dir = tmp / mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    shard_dir.mkdir(exist_ok=True)
+    if dp_rank == 0:
+        atomic_torch_save(model_shard(model), shard_dir / "model.pt")
+    sharded = isinstance(optimizer, DistributedOptimizer) and optimizer.shard
+    if optimizer is not None and (sharded or dp_rank == 0):
+        atomic_torch_save(optimizer.state_dict(), shard_dir / f"optim_dp_{dp_rank:03d}.pt")
+    if rank_state is not None:
+        atomic_torch_save(rank_state, shard_dir / f"rank_dp_{dp_rank:03d}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {"format": FORMAT, "iteration": iteration, "tp": ps.get_tensor_model_parallel_world_size(),
+                "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+                "distributed_optimizer": bool(sharded)}
+        atomic_write_text(json.dumps(meta, indent=1), tmp / "metadata.json")
+        atomic_torch_save(common or {}, tmp / "common.pt")
+        if final.exists():  # re-saving an iteration: move the old one away before the rename
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        atomic_write_text(f"{iteration}\n", root / LATEST)
+    _barrier()
+    return final
+
+
+def read_latest_iteration(root: str | Path) -> int | None:
+    path = Path(root) / LATEST
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
+    return int(text)
+
+
+def read_metadata(directory: Path) -> dict:
+    path = directory / "metadata.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not a megatron-sr checkpoint (no metadata.json)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: expected format {FORMAT}, got {meta.get('format')!r}")
+    return meta
+
+
+def load_model_shard(model: nn.Module, shard: dict, source: str) -> None:
+    module = _unwrap(model)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(shard["model"]))
+    unexpected = sorted(set(shard["model"]) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            saved = shard["model"][name]
+            if saved.shape != tensor.shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(saved.shape)}, the model {tuple(tensor.shape)}")
+            tensor.copy_(saved)  # in place: parameters stay views into the DDP buffer
+
+
+def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, iteration: int | None = None,
+                    load_optimizer: bool = True) -> tuple[int, dict, dict | None]:
+    """Load into an already built model/optimizer. Returns (iteration, common, rank_state or None).
+
+    The tp and pp sizes must match the checkpoint's (convert it otherwise); the dp size may differ."""
+    root = Path(root)
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"{root}: no {LATEST}")
+    directory = iteration_dir(root, iteration)
+    meta = read_metadata(directory)
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if (meta["tp"], meta["pp"]) != (tp, pp):
+        raise ValueError(f"{directory}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
+                         "convert it with tools/convert_checkpoint.py")
+    shard_dir = directory / mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
+                     str(shard_dir / "model.pt"))
+    if optimizer is not None and load_optimizer:
+        files = sorted(shard_dir.glob("optim_dp_*.pt"))
+        if not files:
+            raise FileNotFoundError(f"{shard_dir}: no optimizer state (optim_dp_*.pt)")
+        states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        if isinstance(optimizer, DistributedOptimizer):
+            optimizer.load_state_dict(merge_state_dicts(states))
+        else:
+            optimizer.load_state_dict(states[0])
+    rank_file = shard_dir / f"rank_dp_{ps.get_data_parallel_rank():03d}.pt"
+    rank_state = None
+    if meta["dp"] == ps.get_data_parallel_world_size() and rank_file.exists():
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    common = torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
+    return iteration, common, rank_state
