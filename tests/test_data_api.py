@@ -101,6 +101,7 @@ def test_split_with_no_documents_gives_none(tmp_path):
 
 def test_parse_data_path():
     assert parse_data_path(["P"]) == (["P"], None)
+    assert parse_data_path("0.5 A 0.5 B") == (["A", "B"], [0.5, 0.5])
     assert parse_data_path(["0.7", "A", "0.3", "B"]) == (["A", "B"], [0.7, 0.3])
     with pytest.raises(ValueError, match="--data-path"):
         parse_data_path(["0.7", "A", "B"])

@@ -5,6 +5,8 @@
     python3 tools/bench_data.py index        # GPT index build: 1,000,000 documents, 100,000,000 tokens
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -52,7 +54,8 @@ def bench_preprocess(args) -> None:
             cfg = PreprocessConfig(inputs=(str(SHARED),), output_prefix=str(work / f"w{workers}"),
                                    tokenizer_model=model, corpus=CorpusConfig(fallback_encoding="cp1252"),
                                    append_eod=True, workers=workers, progress=False)
-            stats = preprocess(cfg)
+            with contextlib.redirect_stderr(io.StringIO()):  # the per-file encoding notes, once per run
+                stats = preprocess(cfg)
             if best is None or stats.seconds < best.seconds:
                 best = stats
         runs.append({"workers": workers, "seconds": round(best.seconds, 3), "documents": best.documents,

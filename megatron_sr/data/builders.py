@@ -14,7 +14,9 @@ BLEND_MARGIN = 1.005  # each blended dataset is built a little larger than its s
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """["PREFIX"], ["A", "B"] (weighted by tokens) or ["0.7", "A", "0.3", "B"]."""
+    """["PREFIX"], ["A", "B"] (weighted by tokens) or ["0.7", "A", "0.3", "B"]; a string is split on spaces."""
+    if isinstance(data_path, str):
+        data_path = data_path.split()
     if not data_path:
         raise ValueError("--data-path: expected at least one prefix")
     try:
