@@ -1,0 +1,230 @@
+"""Checkpoint conversion between parallel layouts: merge every shard to full tensors, then re-split.
+
+Merging (read_full_checkpoint):
+- tensor parallel: a parameter with `partition_dim >= 0` is the concatenation of the tp ranks' slices
+  along that dim (the layers cut `full.chunk(tp, dim)`); a replicated one is taken from tp rank 0;
+- pipeline parallel: names containing `layers.<n>.` are transformer layers; stage-local numbers
+  (every stage starting at 0, Megatron's style) are turned into global ones. Other names are "pre"
+  (before the first layer: embeddings, first stage) or "post" (after the last: final norm, output).
+  The last stage's copy of a tied embedding (`shared_embedding_copy`) is recorded as a tie to the first
+  stage's parameter holding the same values and dropped from the full model;
+- optimizer states (stored per named piece) are assembled per parameter and merged the same way.
+Splitting (write_checkpoint) inverts all that for any tp, pp (layers must divide by pp). The optimizer
+state goes into one unsharded file per model-parallel rank, which loads at any dp size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FORMAT, LATEST, atomic_torch_save, atomic_write_text, iteration_dir, mp_rank_dir, read_metadata
+from .distributed_optimizer import STATE_FORMAT, merge_state_dicts
+
+LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
+
+
+@dataclass
+class FullModel:
+    """A whole model (tp = pp = 1) with what re-splitting needs."""
+
+    tensors: dict[str, torch.Tensor]  # global names, in pre / layers / post order
+    partition_dim: dict[str, int]
+    section: dict[str, str]  # "pre", "layer" or "post"
+    ties: dict[str, str] = field(default_factory=dict)  # last-stage copy name -> first-stage source name
+    optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> state -> full tensor
+    step: int = 0
+    lr: float = 0.0
+    common: dict = field(default_factory=dict)
+    iteration: int = 0
+    layer_numbering: str = "local"
+
+    @property
+    def num_layers(self) -> int:
+        return len({int(LAYER.match(n).group(2)) for n, s in self.section.items() if s == "layer"})
+
+
+def resolve_iteration_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    latest = path / LATEST
+    if not latest.exists():
+        raise FileNotFoundError(f"{path}: neither a checkpoint iteration directory nor a root with {LATEST}")
+    return iteration_dir(path, int(latest.read_text().strip()))
+
+
+def _states_by_name(shard_dir: Path, local: dict[str, torch.Tensor]) -> tuple[dict, int, float]:
+    files = sorted(shard_dir.glob("optim_dp_*.pt"))
+    if not files:
+        return {}, 0, 0.0
+    state = merge_state_dicts([torch.load(f, map_location="cpu", weights_only=False) for f in files])
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{shard_dir}: optimizer state is not {STATE_FORMAT}")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    covered: dict[str, torch.Tensor] = {}
+    keys = [k for k in STATE_KEYS if state.get(k) is not None]
+    for sp in state["pieces"]:
+        name, n, off = sp["name"], sp["numel"], sp["offset"]
+        numel = local[name].numel()
+        entry = out.setdefault(name, {k: torch.zeros(numel, dtype=state[k].dtype) for k in keys})
+        mask = covered.setdefault(name, torch.zeros(numel, dtype=torch.bool))
+        for k in keys:
+            entry[k][off:off + n] = state[k][sp["state_offset"]:sp["state_offset"] + n]
+        mask[off:off + n] = True
+    for name, entry in out.items():
+        if not covered[name].all():
+            raise ValueError(f"{shard_dir}: the optimizer state of {name} is incomplete")
+        for k in keys:
+            entry[k] = entry[k].view(local[name].shape)
+    return out, int(state["step"]), float(state["lr"])
+
+
+def _merge_tp(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat(parts, dim=dim) if dim >= 0 and len(parts) > 1 else parts[0]
+
+
+def read_full_checkpoint(path: str | Path) -> FullModel:
+    directory = resolve_iteration_dir(path)
+    meta = read_metadata(directory)
+    tp, pp = meta["tp"], meta["pp"]
+    stages = []
+    for p in range(pp):
+        shards = [torch.load(directory / mp_rank_dir(t, p) / "model.pt", map_location="cpu", weights_only=False)
+                  for t in range(tp)]
+        states = [_states_by_name(directory / mp_rank_dir(t, p), shards[t]["model"]) for t in range(tp)]
+        tensors, pdim, opt, copies = {}, {}, {}, set()
+        for name in shards[0]["model"]:
+            info = shards[0]["params"].get(name, {"partition_dim": -1, "shared_embedding_copy": False})
+            pdim[name] = info["partition_dim"]
+            tensors[name] = _merge_tp([s["model"][name] for s in shards], pdim[name])
+            if info["shared_embedding_copy"]:
+                copies.add(name)
+            if name in states[0][0]:
+                opt[name] = {k: _merge_tp([st[0][name][k] for st in states], pdim[name]) for k in states[0][0][name]}
+        stages.append((tensors, pdim, opt, copies))
+    step, lr = states[0][1], states[0][2]
+    full = FullModel({}, {}, {}, step=step, lr=lr, iteration=meta["iteration"],
+                     common=torch.load(directory / "common.pt", map_location="cpu", weights_only=False))
+    layer_offset, post = 0, []
+    for p, (tensors, pdim, opt, copies) in enumerate(stages):
+        numbers = sorted({int(LAYER.match(n).group(2)) for n in tensors if LAYER.match(n)})
+        if p > 0 and numbers and numbers[0] > 0:
+            full.layer_numbering = "global"
+        shift = layer_offset if full.layer_numbering == "local" else 0
+        seen_layer = False
+        for name, tensor in tensors.items():
+            m = LAYER.match(name)
+            if m:
+                seen_layer = True
+                gname, section = f"{m.group(1)}{int(m.group(2)) + shift}{m.group(3)}", "layer"
+            else:
+                gname, section = name, ("post" if seen_layer or (p > 0 and p == pp - 1) else "pre")
+            if name in copies:
+                full.ties[gname] = _find_tie_source(tensor, stages[0][0], name)
+                post.append((gname, None, pdim[name], None))
+                continue
+            if section == "post":
+                post.append((gname, tensor, pdim[name], opt.get(name)))
+                continue
+            full.tensors[gname], full.partition_dim[gname], full.section[gname] = tensor, pdim[name], section
+            if name in opt:
+                full.optimizer[gname] = opt[name]
+        layer_offset += len(numbers)
+    for gname, tensor, dim, state in post:  # post-layer names go last, after every layer
+        full.partition_dim[gname], full.section[gname] = dim, "post"
+        if tensor is not None:
+            full.tensors[gname] = tensor
+            if state is not None:
+                full.optimizer[gname] = state
+    return full
+
+
+def _find_tie_source(copy: torch.Tensor, first_stage: dict[str, torch.Tensor], name: str) -> str:
+    for cand, tensor in first_stage.items():
+        if tensor.shape == copy.shape and torch.equal(tensor, copy):
+            return cand
+    raise ValueError(f"tied embedding copy {name}: no first-stage parameter holds the same values")
+
+
+def split_stage_names(full: FullModel, pp: int) -> list[list[tuple[str, str]]]:
+    """For each target stage, (global name, local name) in order."""
+    layers = full.num_layers
+    if layers % pp:
+        raise ValueError(f"{layers} transformer layers do not divide into {pp} pipeline stages")
+    per = layers // pp
+    stages: list[list[tuple[str, str]]] = [[] for _ in range(pp)]
+    for name, section in full.section.items():
+        if section == "pre":
+            stages[0].append((name, name))
+        elif section == "post":
+            if name in full.ties and pp == 1:
+                continue  # with one stage the tied output layer is the embedding itself
+            stages[pp - 1].append((name, name))
+        else:
+            m = LAYER.match(name)
+            n = int(m.group(2))
+            local = n - (n // per) * per if full.layer_numbering == "local" else n
+            stages[n // per].append((name, f"{m.group(1)}{local}{m.group(3)}"))
+    return stages
+
+
+def _tp_slice(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
+    if dim < 0:
+        return t.clone()
+    if t.shape[dim] % tp:
+        raise ValueError(f"dimension {t.shape[dim]} does not divide by tensor-parallel size {tp}")
+    return t.chunk(tp, dim=dim)[rank].clone()
+
+
+def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp: int = 1,
+                     distributed_optimizer: bool = True) -> Path:
+    """Write `full` as a checkpoint for layout (tp, pp, dp) under root (atomic: temp dir, then rename)."""
+    root = Path(root)
+    final = iteration_dir(root, full.iteration)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; choose an empty output directory")
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True)
+    for p, names in enumerate(split_stage_names(full, pp)):
+        for t in range(tp):
+            shard_dir = tmp / mp_rank_dir(t, p)
+            shard_dir.mkdir()
+            model, params, pieces, flats, offset = {}, {}, [], {k: [] for k in STATE_KEYS}, 0
+            for gname, local in names:
+                source = full.ties.get(gname, gname)
+                dim = full.partition_dim[gname]
+                model[local] = _tp_slice(full.tensors[source], dim, tp, t)
+                params[local] = {"partition_dim": dim, "shared_embedding_copy": gname in full.ties}
+                state = full.optimizer.get(source)
+                if state is None:
+                    continue
+                n = model[local].numel()
+                pieces.append({"name": local, "offset": 0, "numel": n, "state_offset": offset})
+                offset += n
+                for k in STATE_KEYS:
+                    flats[k].append(_tp_slice(state[k], dim, tp, t).reshape(-1) if k in state else None)
+            atomic_torch_save({"model": model, "params": params, "tp_rank": t, "pp_rank": p, "tp": tp, "pp": pp},
+                              shard_dir / "model.pt")
+            if full.optimizer:
+                cat = {k: (torch.cat(v) if v and all(x is not None for x in v) else None) for k, v in flats.items()}
+                atomic_torch_save({"format": STATE_FORMAT, "step": full.step, "lr": full.lr, "pieces": pieces,
+                                   "exp_avg": cat["exp_avg"], "exp_avg_sq": cat["exp_avg_sq"],
+                                   "master": cat["master"]}, shard_dir / "optim_dp_000.pt")
+    meta = {"format": FORMAT, "iteration": full.iteration, "tp": tp, "pp": pp, "dp": dp,
+            "distributed_optimizer": distributed_optimizer}
+    atomic_write_text(json.dumps(meta, indent=1), tmp / "metadata.json")
+    atomic_torch_save(full.common, tmp / "common.pt")
+    tmp.rename(final)
+    atomic_write_text(f"{full.iteration}\n", root / LATEST)
+    return final
+
+
+def export_tensors(full: FullModel) -> dict[str, torch.Tensor]:
+    """The single-file model: full tensors by global name, tied copies left out (they are the embedding)."""
+    return {n: t.contiguous() for n, t in full.tensors.items()}

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Change a megatron-sr checkpoint's tensor/pipeline/data-parallel layout, or export a single-file model.
+
+    # (tp 2, pp 2, dp 2) -> (tp 1, pp 1): a new checkpoint that loads at any dp size
+    python tools/convert_checkpoint.py --load ckpt --save ckpt_tp1 \\
+        --target-tensor-parallel-size 1 --target-pipeline-model-parallel-size 1
+    # one file for tools/generate.py (safetensors when the package is installed, else a torch file)
+    python tools/convert_checkpoint.py --load ckpt --export model.safetensors
+
+--load takes a checkpoint root (latest iteration) or an iter_XXXXXXX directory. The formats are in
+docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_sr.distributed.convert import export_tensors, read_full_checkpoint, write_checkpoint  # noqa: E402
+
+EXPORT_FORMAT = "megatron_sr.export/1"
+
+
+def _jsonable_config(common: dict):
+    config = common.get("config") if isinstance(common, dict) else None
+    if config is None:
+        return None
+    if hasattr(config, "__dataclass_fields__"):
+        import dataclasses
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))
+
+
+def export_model(full, path: Path) -> str:
+    """Write the full model to `path`; returns the format used ("safetensors" or "torch")."""
+    tensors = export_tensors(full)
+    meta = {"format": EXPORT_FORMAT, "iteration": str(full.iteration),
+            "config": json.dumps(_jsonable_config(full.common))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    kind = "torch"
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            print("convert_checkpoint: safetensors is not installed; use a .pt name for --export", file=sys.stderr)
+            raise SystemExit(2)
+        save_file(tensors, str(tmp), metadata=meta)
+        kind = "safetensors"
+    else:
+        torch.save({"format": EXPORT_FORMAT, "model": tensors, "iteration": full.iteration,
+                    "config": _jsonable_config(full.common)}, tmp)
+    os.replace(tmp, path)
+    return kind
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Convert a megatron-sr checkpoint between layouts or export it.")
+    ap.add_argument("--load", required=True, help="checkpoint root or iter_XXXXXXX directory")
+    ap.add_argument("--save", help="output checkpoint root (must not hold this iteration yet)")
+    ap.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+    ap.add_argument("--target-data-parallel-size", type=int, default=1,
+                    help="recorded in metadata only: the optimizer state loads at any dp size")
+    ap.add_argument("--layer-numbering", choices=["local", "global"],
+                    help="transformer layer numbers per stage in the output (default: as in the input)")
+    ap.add_argument("--tie", action="append", default=[], metavar="COPY=SOURCE",
+                    help="last-stage tied copy name and the embedding it copies (needed when splitting a pp=1 "
+                         "checkpoint into stages)")
+    ap.add_argument("--export", help="write a single-file model (.safetensors or .pt)")
+    args = ap.parse_args(argv)
+    if not args.save and not args.export:
+        ap.error("give --save and/or --export")
+    for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size", "target_data_parallel_size"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        full = read_full_checkpoint(args.load)
+        if args.layer_numbering:
+            full.layer_numbering = args.layer_numbering
+        for tie in args.tie:
+            copy, _, source = tie.partition("=")
+            if not copy or source not in full.tensors:
+                ap.error(f"--tie {tie}: expected COPY=SOURCE with SOURCE a parameter of the checkpoint")
+            full.ties[copy] = source
+            full.section[copy] = "post"
+            full.partition_dim[copy] = full.partition_dim[source]
+        if args.save:
+            out = write_checkpoint(full, args.save, tp=args.target_tensor_parallel_size,
+                                   pp=args.target_pipeline_model_parallel_size, dp=args.target_data_parallel_size)
+            print(f"wrote {out}")
+        if args.export:
+            kind = export_model(full, Path(args.export))
+            print(f"exported {len(full.tensors)} tensors to {args.export} ({kind})")
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"convert_checkpoint: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
