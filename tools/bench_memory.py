@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig  # noqa: E402
+from megatron_sr.parallel import parallel_state as ps  # noqa: E402
 from megatron_sr.parallel.sr_streams import assign_sr_streams  # noqa: E402
 
 MODES = {  # precision -> (grad dtype, formula(dp))
@@ -46,12 +47,12 @@ def build_model(hidden: int, layers: int) -> nn.Module:
     return model
 
 
-def measure(precision: str, hidden: int, layers: int, bucket_size: int, dp_group=None) -> dict:
+def measure(precision: str, hidden: int, layers: int, bucket_size: int) -> dict:
     """Bytes per parameter on this rank after one real training step."""
     grad_dtype, _ = MODES[precision]
     model = build_model(hidden, layers)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=grad_dtype, use_distributed_optimizer=True,
-                                                   bucket_size=bucket_size), dp_group=dp_group)
+                                                   bucket_size=bucket_size))
     opt = DistributedOptimizer(ddp, OptimizerConfig(precision=precision))
     x = torch.randn(4, hidden).bfloat16()
     ddp(x).float().square().mean().backward()
@@ -67,11 +68,14 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg: dict) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ps.initialize_model_parallel(1, 1)  # every rank data-parallel
     try:
-        results = {p: measure(p, cfg["hidden"], cfg["layers"], cfg["bucket_size"], dist.group.WORLD) for p in MODES}
+        results = {p: measure(p, cfg["hidden"], cfg["layers"], cfg["bucket_size"]) for p in MODES}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_dp(dp: int, cfg: dict) -> list[dict]:

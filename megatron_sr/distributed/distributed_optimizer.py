@@ -4,9 +4,9 @@ Each data-parallel rank owns one contiguous shard of every bucket (ParamAndGradB
 optimizer states (FP32 by default) for that shard only. One step:
 
 1. finish the gradient sync (the buckets' reduce-scatters, started during backward);
-2. the global gradient norm: squares summed over this rank's pieces of the parameters it counts
-   (tensor-parallel replicas and the last stage's tied-embedding copy are counted on one rank only),
-   all-reduced over the dp, tp and pp groups; NaN/Inf skips the step on every rank alike;
+2. the global gradient norm (parallel/grad_norm.py): squares summed over this rank's pieces of the
+   parameters it counts (tensor-parallel replicas and the last stage's tied-embedding copy once),
+   all-reduced over the model-parallel and dp groups; NaN/Inf skips the step on every rank alike;
 3. clipping, then `adamw_step_` on the shard's pieces, each with its *unsharded* stream index
    (`param.sr_index_base` + offset in the param) and its parameter's key, so the shard's update is
    bitwise the slice of the unsharded update; BF16 results go straight into the parameter buffer;
@@ -29,6 +29,7 @@ from torch import nn
 from ..optimizer.adamw_reference import AdamWConstants, step_scalars
 from ..optimizer.dispatch import AdamWChunk, adamw_step_
 from ..parallel import parallel_state as ps
+from ..parallel.grad_norm import clip_grads_, global_grad_norm
 from ..parallel.sr_streams import sr_key_for
 from .data_parallel import DistributedDataParallel
 
@@ -66,16 +67,8 @@ class _Piece:
     state_offset: int  # range start in this rank's flat state tensors
 
 
-def counts_in_grad_norm(param: torch.Tensor, tp_rank: int) -> bool:
-    """Whether this rank adds param's gradient to the global norm (each parameter exactly once)."""
-    if getattr(param, "shared_embedding_copy", False):
-        return False
-    return getattr(param, "tensor_model_parallel", False) or tp_rank == 0
-
-
 class DistributedOptimizer:
-    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, shard_over_dp: bool | None = None,
-                 tp_group=None, pp_group=None):
+    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, shard_over_dp: bool | None = None):
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
         self.model = model
@@ -85,9 +78,9 @@ class DistributedOptimizer:
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
             raise ValueError("sharding the optimizer needs DDP with use_distributed_optimizer=True (reduce-scatter)")
-        self.tp_group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
-        self.pp_group = pp_group if pp_group is not None else ps.get_pipeline_model_parallel_group()
-        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+        if model.dp_group is not ps.get_data_parallel_group():
+            raise ValueError("DistributedOptimizer: the model's dp group must be parallel_state's (the norm is reduced "
+                             "over parallel_state's groups)")
         self.consts = AdamWConstants.make(config.beta1, config.beta2, config.eps)
         self.rounding = "nearest" if config.precision in ("bf16", "bf16-mp") else "stochastic"
         buf = model.buffer
@@ -134,18 +127,10 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradients (FP32 tensor), the same on every rank."""
+        """Global L2 norm of the gradients (FP32 tensor), the same on every rank (parallel/grad_norm.py)."""
         buf = self.model.buffer
-        sq = torch.zeros((), dtype=torch.float32, device=buf.grad_data.device)
-        for pc in self.pieces:
-            if counts_in_grad_norm(pc.param, self.tp_rank):
-                g = buf.grad_data[pc.lo:pc.hi].float()
-                sq += torch.dot(g, g)
-        groups = [self.model.dp_group if self.shard else None, self.tp_group, self.pp_group]
-        for group in groups:
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(sq, group=group)
-        return sq.sqrt()
+        return global_grad_norm(((pc.param, buf.grad_data[pc.lo:pc.hi]) for pc in self.pieces),
+                                sharded_over_dp=self.shard and self.model.dp_size > 1, device=buf.grad_data.device)
 
     @torch.no_grad()
     def step(self) -> StepResult:
@@ -155,11 +140,7 @@ class DistributedOptimizer:
         if not torch.isfinite(norm).item():
             return StepResult(updated=False, grad_norm=norm_value, skipped=True)
         buf = self.model.buffer
-        if self.config.clip_grad > 0:
-            coef = self.config.clip_grad / (norm_value + 1e-6)
-            if coef < 1.0:
-                for pc in self.pieces:
-                    buf.grad_data[pc.lo:pc.hi].mul_(coef)
+        clip_grads_((buf.grad_data[pc.lo:pc.hi] for pc in self.pieces), norm_value, self.config.clip_grad)
         self.step_count += 1
         device = buf.param_data.device
         scalars = step_scalars(self.lr, self.step_count, self.config.beta1, self.config.beta2, device)
