@@ -174,3 +174,16 @@ def test_nan_gradient_skips_the_step():
     result = opt.step()
     assert result.skipped and not result.updated and opt.step_count == 0
     assert torch.equal(before.view(torch.int16), ddp.buffer.param_data.view(torch.int16))
+
+
+def test_lr_is_set_per_step_both_ways():
+    ddp = DistributedDataParallel(make_model(torch.float32), DDPConfig())
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1.0, precision="fp32"))
+    opt.lr = 0.5
+    assert opt.param_groups[0]["lr"] == 0.5
+    opt.param_groups[0]["lr"] = 0.0  # a zero learning rate: the step leaves the params alone (no decay)
+    before = ddp.buffer.param_data.clone()
+    x, y = batches(1, 4)[0]
+    nn.functional.mse_loss(ddp(x), y).backward()
+    assert opt.step().updated and torch.equal(before, ddp.buffer.param_data)
+    assert opt.state_dict()["lr"] == 0.0

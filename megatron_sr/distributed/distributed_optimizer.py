@@ -73,7 +73,7 @@ class DistributedOptimizer:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
         self.model = model
         self.config = config
-        self.lr = config.lr
+        self.param_groups = [{"lr": config.lr}]  # torch-style: a scheduler may set param_groups[0]["lr"]
         self.step_count = 0
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
@@ -119,8 +119,12 @@ class DistributedOptimizer:
 
     # ---- the trainer's optimizer interface ----
     @property
-    def param_groups(self) -> list[dict]:
-        return [{"lr": self.lr}]
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = float(value)
 
     def zero_grad(self) -> None:
         self.model.zero_grad_buffer()
