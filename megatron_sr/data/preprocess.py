@@ -5,7 +5,6 @@ import multiprocessing as mp
 import sys
 import time
 from dataclasses import dataclass
-from itertools import islice
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +14,9 @@ from .corpus import CorpusConfig, DataInputError, expand_inputs, iter_documents
 from .indexed_dataset import IndexedDatasetWriter, check_vocab_fits, optimal_dtype
 from .tokenizer import SentencePieceTokenizer
 
-BATCH_DOCS = 64  # documents per worker task: large enough to amortise IPC, small enough to keep order cheap
+# per worker task: large enough to amortise inter-process traffic, small enough to balance the workers
+BATCH_DOCS = 64
+BATCH_CHARS = 256_000
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,16 @@ def _encode_batch(args) -> tuple[list[list[np.ndarray]], int]:
 
 
 def _batches(docs: Iterator[tuple[str, ...]]) -> Iterator[list[tuple[str, ...]]]:
-    while True:
-        batch = list(islice(docs, BATCH_DOCS))
-        if not batch:
-            return
+    """Batches of at most BATCH_DOCS documents or about BATCH_CHARS characters, so that large documents
+    spread over the workers instead of queueing behind one another."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += sum(len(t) for t in doc)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
