@@ -7,12 +7,13 @@
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initialises a gloo process group
 and calls `fn(*args)`; a child that raises sends its traceback back and the parent raises it. A child
 that hangs (a mismatched collective) is killed after `timeout` seconds. Return values must be picklable;
-tensors are fine (send small ones).
+tensors are fine (send small, detached ones).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -36,7 +37,8 @@ def _child(rank: int, world_size: int, port: int, results, fn, args) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         value = fn(*args)
-        results.put((rank, True, value))
+        # Pickle here, not in the queue's feeder thread, so an unpicklable result is reported, not lost.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -82,7 +84,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 180.0) -> list:
                 raise TimeoutError(f"run_ranks: only {len(collected)} of {world_size} ranks finished "
                                    f"within {timeout:.0f} s") from None
             if ok:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank}:\n{value}")
                 break  # the other ranks are probably stuck in a collective now

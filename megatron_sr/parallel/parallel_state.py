@@ -35,6 +35,8 @@ _DP_GLOBAL_RANKS: list[int] = [0]
 _TP_GLOBAL_RANKS: list[int] = [0]
 _INITIALIZED = False
 _OWNS_PROCESS_GROUP = False
+_SEQUENCE_PARALLEL = False
+_SEQUENCE_DIM = 1
 _CREATED_GROUPS: list = []  # every new_group we made (also those this rank is not in), freed on destroy
 
 
@@ -140,6 +142,26 @@ def destroy_model_parallel() -> None:
     _EMBEDDING_RANKS, _PP_GLOBAL_RANKS, _DP_GLOBAL_RANKS, _TP_GLOBAL_RANKS = [0], [0], [0], [0]
     _INITIALIZED = False
     _OWNS_PROCESS_GROUP = False
+    set_sequence_parallel(False)
+
+
+def set_sequence_parallel(enabled: bool, sequence_dim: int = 1) -> None:
+    """Turn on --sequence-parallel for the parallel layers built afterwards.
+
+    `sequence_dim` is the sequence dimension of the model's activations (1 for [batch, seq, hidden]).
+    With a tensor-parallel size of 1 sequence parallelism is a no-op.
+    """
+    global _SEQUENCE_PARALLEL, _SEQUENCE_DIM
+    _SEQUENCE_PARALLEL, _SEQUENCE_DIM = bool(enabled), int(sequence_dim)
+
+
+def get_sequence_parallel() -> bool:
+    """Whether activations between tensor-parallel regions are split along the sequence (only when tp > 1)."""
+    return _SEQUENCE_PARALLEL and _TP_SIZE > 1
+
+
+def get_sequence_dim() -> int:
+    return _SEQUENCE_DIM
 
 
 def model_parallel_is_initialized() -> bool:
