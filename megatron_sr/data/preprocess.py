@@ -95,18 +95,20 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         raise DataInputError(f"--workers: expected a positive number, got {cfg.workers}")
 
     stats = PreprocessStats(outputs=tuple(output_prefixes(cfg)))
-    writers = [IndexedDatasetWriter(p, dtype) for p in stats.outputs]
     pool = None
     if cfg.workers > 1:
-        # fork where we can: spawn would re-import torch in every worker (seconds each)
+        # fork where we can: spawn would re-import the package in every worker
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(cfg.workers, initializer=_init_worker,
                                            initargs=(cfg.tokenizer_model,))
+    writers: list[IndexedDatasetWriter] = []
     start = time.perf_counter()
     # counts MB of text, so the rate reads MB/s; documents/s goes in the postfix
     bar = tqdm(unit="MB", desc="tokenizing", file=sys.stderr, disable=not cfg.progress, smoothing=0.1,
                bar_format="{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}{postfix}]")
     try:
+        for prefix in stats.outputs:
+            writers.append(IndexedDatasetWriter(prefix, dtype))
         tasks = ((batch, cfg.append_eod, dtype) for batch in _batches(iter_documents(files, cfg.corpus)))
         if pool is None:
             _init_worker(cfg.tokenizer_model)
