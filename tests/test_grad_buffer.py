@@ -72,3 +72,18 @@ def test_rejects_mixed_dtypes():
     params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]
     with pytest.raises(ValueError, match="all params must be"):
         ParamAndGradBuffer(params, grad_dtype=torch.float32, dp_size=1)
+
+
+def test_late_sync_bucket_waits_for_the_callback():
+    """A bucket holding a late-sync parameter (a tied embedding) starts only after before_late_sync ran."""
+    model = _params()
+    first = list(model.parameters())[0]  # lies in the last bucket (backward order)
+    ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.float32, bucket_size=10),
+                                  late_sync_params=[first])
+    late = ddp.buffer.param_to_bucket[first].index
+    ddp.event_log = []
+    ddp(torch.randn(2, 5).bfloat16()).float().sum().backward()
+    launched = [b for kind, b in ddp.event_log if kind == "launch"]
+    assert late not in launched and len(launched) == len(ddp.buffer.buckets) - 1
+    ddp.finish_grad_sync(before_late_sync=lambda: ddp.event_log.append(("callback", -1)))
+    assert ddp.event_log[-2:] == [("callback", -1), ("launch", late)]
