@@ -81,7 +81,7 @@ def test_save_at_dp2_load_at_dp1_and_dp4_continues(tmp_path):
     it_dir = tmp_path / "fp32" / "iter_0000002"
     meta = json.loads((it_dir / "metadata.json").read_text())
     assert meta["dp"] == 2 and meta["distributed_optimizer"] is True
-    assert sorted(p.name for p in (it_dir / "mp_rank_00_000").iterdir()) == [
+    assert sorted(p.name for p in (it_dir / "mp_rank_00").iterdir()) == [
         "model.pt", "optim_dp_000.pt", "optim_dp_001.pt", "rank_dp_000.pt", "rank_dp_001.pt"]
     assert not list(tmp_path.glob("*/*.tmp"))
 

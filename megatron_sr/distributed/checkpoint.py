@@ -3,9 +3,9 @@
     <dir>/latest_checkpointed_iteration.txt       "10"
     <dir>/iter_0000010/metadata.json              format, iteration, tp, pp, dp, distributed optimizer
     <dir>/iter_0000010/common.pt                  trainer state (config, consumed samples, ...) from rank 0
-    <dir>/iter_0000010/mp_rank_TT_PPP/model.pt    this (tp, pp) rank's parameters, written by dp rank 0
-    <dir>/iter_0000010/mp_rank_TT_PPP/optim_dp_DDD.pt  optimizer state of dp rank DDD (only dp 0 when unsharded)
-    <dir>/iter_0000010/mp_rank_TT_PPP/rank_dp_DDD.pt   per-rank state (RNG), when given
+    <dir>/iter_0000010/mp_rank_TT[_PPP]/model.pt    this (tp, pp) rank's parameters, written by dp rank 0
+    <dir>/iter_0000010/mp_rank_TT[_PPP]/optim_dp_DDD.pt  optimizer state of dp rank DDD (only dp 0 when unsharded)
+    <dir>/iter_0000010/mp_rank_TT[_PPP]/rank_dp_DDD.pt   per-rank state (RNG), when given
 
 model.pt = {"model": {name: tensor}, "params": {name: {"partition_dim", "shared_embedding_copy"}},
 "tp_rank", "pp_rank", "tp", "pp"}. Optimizer states are stored per named parameter piece
@@ -39,8 +39,14 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def mp_rank_dir(tp_rank: int, pp_rank: int) -> str:
-    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron's name: mp_rank_TT without pipeline parallelism, mp_rank_TT_PPP with it."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def my_mp_rank_dir() -> str:
+    return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                       ps.get_pipeline_model_parallel_world_size())
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -97,7 +103,7 @@ def save_checkpoint(root: str | Path, iteration: int, model: nn.Module, optimize
         tmp.mkdir(parents=True)
     _barrier()
     dp_rank = ps.get_data_parallel_rank()
-    shard_dir = tmp / mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    shard_dir = tmp / my_mp_rank_dir()
     shard_dir.mkdir(exist_ok=True)
     if dp_rank == 0:
         atomic_torch_save(model_shard(model), shard_dir / "model.pt")
@@ -176,7 +182,7 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
     if (meta["tp"], meta["pp"]) != (tp, pp):
         raise ValueError(f"{directory}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
                          "convert it with tools/convert_checkpoint.py")
-    shard_dir = directory / mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    shard_dir = directory / my_mp_rank_dir()
     load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
                      str(shard_dir / "model.pt"))
     if optimizer is not None and load_optimizer:

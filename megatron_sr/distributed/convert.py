@@ -95,9 +95,9 @@ def read_full_checkpoint(path: str | Path) -> FullModel:
     tp, pp = meta["tp"], meta["pp"]
     stages = []
     for p in range(pp):
-        shards = [torch.load(directory / mp_rank_dir(t, p) / "model.pt", map_location="cpu", weights_only=False)
+        shards = [torch.load(directory / mp_rank_dir(t, p, pp) / "model.pt", map_location="cpu", weights_only=False)
                   for t in range(tp)]
-        states = [_states_by_name(directory / mp_rank_dir(t, p), shards[t]["model"]) for t in range(tp)]
+        states = [_states_by_name(directory / mp_rank_dir(t, p, pp), shards[t]["model"]) for t in range(tp)]
         tensors, pdim, opt, copies = {}, {}, {}, set()
         for name in shards[0]["model"]:
             info = shards[0]["params"].get(name, {"partition_dim": -1, "shared_embedding_copy": False})
@@ -193,7 +193,7 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
     tmp.mkdir(parents=True)
     for p, names in enumerate(split_stage_names(full, pp)):
         for t in range(tp):
-            shard_dir = tmp / mp_rank_dir(t, p)
+            shard_dir = tmp / mp_rank_dir(t, p, pp)
             shard_dir.mkdir()
             model, params, pieces, flats, offset = {}, {}, [], {k: [] for k in STATE_KEYS}, 0
             for gname, local in names:

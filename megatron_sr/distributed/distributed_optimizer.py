@@ -74,7 +74,8 @@ class DistributedOptimizer:
         self.model = model
         self.config = config
         self.param_groups = [{"lr": config.lr}]  # torch-style: a scheduler may set param_groups[0]["lr"]
-        self.step_count = 0
+        self.step_count = 0  # updates applied: the SR stream's step counter
+        self.seed = config.seed
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
             raise ValueError("sharding the optimizer needs DDP with use_distributed_optimizer=True (reduce-scatter)")
