@@ -1,0 +1,138 @@
+"""GPT: embeddings, a range of pre-LN transformer layers, final LayerNorm and the (tied) output layer.
+
+One GPTModel can be a whole model or one pipeline stage: `pre_process` (holds the embeddings),
+`post_process` (holds the final norm, output layer and loss) and the global layer range
+[layer_offset, layer_offset + num_layers). A non-first stage gets its input through
+`set_input_tensor`, as in Megatron. Forward returns the per-token loss (FP32, [b, s]) when this is
+the last stage and labels are given, logits when labels are None, else the hidden states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import Config, ModelConfig
+from ..parallel import parallel_state as ps
+from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits, vocab_parallel_cross_entropy
+from .init import init_method_for
+from .transformer import TransformerLayer, layer_norm
+
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int = 1) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel slice has the same, aligned size."""
+    multiple = divisible_by * tp_size
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig, vocab: int, seed: int, dtype: torch.dtype):
+        super().__init__()
+        std = config.init_method_std
+        self.dropout = config.hidden_dropout
+        self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, dtype=dtype,
+                                                      init_method=init_method_for(seed, WORD_EMBEDDING, std))
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            weight = torch.empty(config.max_position_embeddings, config.hidden_size, dtype=torch.float32)
+            init_method_for(seed, "embedding.position_embeddings.weight", std)(weight)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype)
+            with torch.no_grad():
+                self.position_embeddings.weight.copy_(weight)
+            mark_parallel(self.position_embeddings.weight, -1)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings(position_ids)
+        return F.dropout(h, self.dropout if self.training else 0.0)
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: ModelConfig, pre_process: bool = True, post_process: bool = True, *,
+                 seed: int = 1234, params_dtype: torch.dtype = torch.float32,
+                 layer_offset: int = 0, num_layers: int | None = None):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is not set (take it from the tokenizer)")
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.params_dtype = params_dtype
+        self.vocab_size = padded_vocab_size(config.vocab_size, config.make_vocab_size_divisible_by,
+                                            ps.get_tensor_model_parallel_world_size())
+        num_layers = config.num_layers - layer_offset if num_layers is None else num_layers
+        self.layer_offset = layer_offset
+        self.recompute = config.recompute_activations
+        self.input_tensor: torch.Tensor | None = None
+        self.tied = not config.untie_embeddings_and_output_weights
+
+        if pre_process:
+            self.embedding = Embedding(config, self.vocab_size, seed, params_dtype)
+        self.decoder = nn.ModuleList(TransformerLayer(config, layer_offset + i, seed, params_dtype)
+                                     for i in range(num_layers))
+        if post_process:
+            self.final_layernorm = layer_norm(config, params_dtype)
+            self.output_layer = None
+            if not self.tied or not pre_process:
+                # Untied: its own weight. Tied on a last stage without the embedding: a copy that starts
+                # equal to the embedding (same init name); the pipeline code keeps the two in sync.
+                name = "output_layer.weight" if not self.tied else WORD_EMBEDDING
+                self.output_layer = VocabParallelEmbedding(self.vocab_size, config.hidden_size, dtype=params_dtype,
+                                                           init_method=init_method_for(seed, name,
+                                                                                       config.init_method_std))
+                if self.tied:
+                    self.output_layer.weight.shared_embedding_copy = True
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """Hidden states from the previous pipeline stage (Megatron's convention; a list of one is accepted)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def output_weight(self) -> torch.Tensor:
+        return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            h = self.embedding(tokens, position_ids)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("GPTModel without pre_process: call set_input_tensor first")
+            h = self.input_tensor
+            if position_ids is None:
+                position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        for layer in self.decoder:
+            if self.recompute and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, position_ids, use_reentrant=False)
+            else:
+                h = layer(h, position_ids)
+        if not self.post_process:
+            return h
+        logits = parallel_lm_logits(self.final_layernorm(h), self.output_weight())
+        if labels is None:
+            return logits
+        loss = vocab_parallel_cross_entropy(logits, labels)
+        return loss if loss_mask is None else loss * loss_mask
+
+
+PARAMS_DTYPE = {"bf16-sr": torch.bfloat16, "bf16": torch.bfloat16, "bf16-mp": torch.bfloat16, "fp32": torch.float32}
+
+
+def build_model_chunks(cfg: Config, device: torch.device | str = "cpu") -> list[nn.Module]:
+    """The model chunks this rank holds (one per pipeline stage it owns), on `device`.
+
+    Pipeline parallelism plugs in here: the stage's layer range and pre/post flags come from parallel_state.
+    """
+    pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    per_stage = cfg.model.num_layers // pp_size
+    model = GPTModel(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     seed=cfg.training.seed, params_dtype=PARAMS_DTYPE[cfg.optimizer.precision],
+                     layer_offset=pp_rank * per_stage, num_layers=per_stage)
+    return [model.to(device)]

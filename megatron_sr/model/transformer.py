@@ -1,0 +1,110 @@
+"""Pre-LayerNorm transformer layer: causal self-attention and a GELU or SwiGLU MLP, batch-first [b, s, h].
+
+Linear layers come from megatron_sr.parallel.layers (column-parallel in, row-parallel out), so each
+tensor-parallel rank holds num_heads / tp heads and ffn / tp MLP columns. Dropout is plain torch
+dropout; attention is torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..parallel import parallel_state as ps
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
+from .init import init_method_for, output_layer_std
+
+
+def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm:
+    norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype)
+    for p in norm.parameters():
+        mark_parallel(p, -1)  # replicated over tensor-parallel ranks
+    return norm
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half form) on [b, heads, s, head_dim], computed in FP32."""
+
+    def __init__(self, head_dim: int, base: int):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(x.device)  # [b, s, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, s, d]
+        x32 = x.float()
+        x1, x2 = x32.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x32 * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype):
+        super().__init__()
+        h, std = config.hidden_size, config.init_method_std
+        bias = not config.disable_bias_linear
+        self.num_heads = config.num_attention_heads // ps.get_tensor_model_parallel_world_size()
+        self.head_dim = h // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        self.linear_qkv = ColumnParallelLinear(
+            h, 3 * h, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_qkv.weight", std))
+        self.linear_proj = RowParallelLinear(
+            h, h, bias=bias, dtype=dtype,
+            init_method=init_method_for(seed, f"{prefix}.linear_proj.weight", output_layer_std(std, config.num_layers)))
+        self.rotary = (RotaryEmbedding(self.head_dim, config.rotary_base)
+                       if config.position_embedding_type == "rope" else None)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        # Weight rows are ordered [q heads | k heads | v heads] of the full layer, so a tp slice of
+        # dim 0 would mix them; we order them per head instead: [head0 q k v | head1 q k v | ...].
+        qkv = self.linear_qkv(x).view(b, s, self.num_heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, d]
+        if self.rotary is not None:
+            q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=True)
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype):
+        super().__init__()
+        h, f, std = config.hidden_size, config.ffn_hidden_size, config.init_method_std
+        bias = not config.disable_bias_linear
+        self.linear_fc1 = ColumnParallelLinear(
+            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1.weight", std))
+        # SwiGLU's gate is its own column-parallel layer, so a tp slice keeps gate and value rows paired.
+        self.linear_fc1_gate = (ColumnParallelLinear(
+            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1_gate.weight", std))
+            if config.swiglu else None)
+        self.linear_fc2 = RowParallelLinear(
+            f, h, bias=bias, dtype=dtype,
+            init_method=init_method_for(seed, f"{prefix}.linear_fc2.weight", output_layer_std(std, config.num_layers)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear_fc1_gate is not None:
+            return self.linear_fc2(F.silu(self.linear_fc1_gate(x)) * self.linear_fc1(x))
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """x + drop(attn(ln(x))), then + drop(mlp(ln(.))). `layer_number` is the global, 0-based index."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int, dtype: torch.dtype):
+        super().__init__()
+        prefix = f"decoder.layers.{layer_number}"
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = layer_norm(config, dtype)
+        self.self_attention = SelfAttention(config, f"{prefix}.self_attention", seed, dtype)
+        self.pre_mlp_layernorm = layer_norm(config, dtype)
+        self.mlp = MLP(config, f"{prefix}.mlp", seed, dtype)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.hidden_dropout if self.training else 0.0
+        x = x + F.dropout(self.self_attention(self.input_layernorm(x), position_ids), p)
+        return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)

@@ -1,0 +1,168 @@
+"""The single-process AdamW optimizer in the four precision modes (design.md section 1).
+
+| mode     | params        | grads the step reads          | states          | update                          |
+|----------|---------------|-------------------------------|-----------------|---------------------------------|
+| bf16-sr  | BF16          | BF16 .grad (or FP32 main_grad)| FP32 (or BF16)  | FP32 math, stochastic rounding  |
+| bf16     | BF16          | like bf16-sr                  | like bf16-sr    | FP32 math, round to nearest     |
+| bf16-mp  | BF16 + FP32 master | FP32 main_grad           | FP32            | on the master, then cast to BF16|
+| fp32     | FP32          | FP32 .grad                    | FP32            | plain FP32                      |
+
+FP32 main grads (bf16-mp, or --grad-dtype fp32) are accumulated over micro-batches by a
+post-accumulate-grad hook that adds each BF16 .grad into the FP32 buffer and frees it, so the BF16
+gradient of one micro-batch never sums with another's in BF16.
+
+One `step()`: global grad norm (NaN/Inf: skip and report), clipping, then `dispatch.adamw_step_`
+per SR key with each parameter's canonical stream index (parallel/sr_streams.py).
+The interface (step -> StepResult, zero_grad, state_dict, load_state_dict, `lr`) is shared with
+megatron_sr.distributed.DistributedOptimizer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..parallel.grad_norm import global_grad_norm
+from ..parallel.sr_streams import assign_sr_streams, sr_key_for
+from .adamw_reference import AdamWConstants, step_scalars
+from .dispatch import AdamWChunk, adamw_step_
+
+STATE_FORMAT = "megatron_sr.sr_adamw/1"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepResult:
+    updated: bool
+    grad_norm: float
+    skipped: bool  # NaN/Inf in the gradients: no update
+
+
+class SRAdamW:
+    def __init__(self, model_chunks: list[nn.Module], *, lr: float, weight_decay: float = 0.0,
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, clip_grad: float = 0.0,
+                 precision: str = "bf16-sr", seed: int = 1234, state_dtype: str = "fp32", grad_dtype: str = "bf16"):
+        if precision not in ("bf16-sr", "bf16", "bf16-mp", "fp32"):
+            raise ValueError(f"precision must be bf16-sr, bf16, bf16-mp or fp32, got {precision!r}")
+        self.lr, self.weight_decay, self.clip_grad = lr, weight_decay, clip_grad
+        self.beta1, self.beta2, self.seed, self.precision = beta1, beta2, seed, precision
+        self.consts = AdamWConstants.make(beta1, beta2, eps)
+        self.rounding = "stochastic" if precision == "bf16-sr" else "nearest"
+        self.step_count = 0  # updates applied; the SR stream's step counter
+        named = [(n, p) for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()]
+        self.names = [n if len(model_chunks) == 1 else f"chunk{i}.{n}" for i, (n, _) in enumerate(named)]
+        self.params = [p for _, p in named]
+        if any(not hasattr(p, "sr_index_base") for p in self.params):
+            assign_sr_streams(model_chunks)
+        want = torch.float32 if precision == "fp32" else torch.bfloat16
+        for name, p in zip(self.names, self.params):
+            if p.dtype != want:
+                raise ValueError(f"parameter {name} is {p.dtype}; --precision {precision} needs {want}")
+
+        state = torch.float32 if precision in ("bf16-mp", "fp32") else _DTYPES[state_dtype]
+        self.exp_avg = [torch.zeros_like(p, dtype=state) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, dtype=state) for p in self.params]
+        self.master = ([p.detach().float().clone() for p in self.params] if precision == "bf16-mp" else None)
+        self.main_grads = None
+        if precision == "bf16-mp" or (precision in ("bf16-sr", "bf16") and grad_dtype == "fp32"):
+            self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+            for p, buf in zip(self.params, self.main_grads):
+                p.register_post_accumulate_grad_hook(_accumulate_into(buf))
+
+    # ---- the trainer's optimizer interface ----
+    @property
+    def param_groups(self) -> list[dict]:
+        return [{"lr": self.lr}]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """The gradient tensors the step reads (FP32 main grads when kept, else .grad)."""
+        return list(self.main_grads) if self.main_grads is not None else [p.grad for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        if self.main_grads is not None:
+            for g in self.main_grads:
+                g.zero_()
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients; overridable (it all-reduces over the model-parallel group)."""
+        return global_grad_norm(zip(self.params, self.grads()), device=self.params[0].device)
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        grads = self.grads()
+        norm = float(self.grad_norm())
+        if not torch.isfinite(torch.tensor(norm)):
+            return StepResult(updated=False, grad_norm=norm, skipped=True)
+        if self.clip_grad > 0:
+            coef = self.clip_grad / (norm + 1e-6)
+            if coef < 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(coef)
+        self.step_count += 1
+        device = self.params[0].device
+        scalars = step_scalars(self.lr, self.step_count, self.beta1, self.beta2, device)
+        groups: dict[object, list[AdamWChunk]] = defaultdict(list)
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None:  # a parameter that took no part in the loss
+                g = torch.zeros_like(p)
+            target = self.master[i] if self.master is not None else p.data
+            wd = self.weight_decay if p.dim() > 1 else 0.0  # no decay on biases and norm weights
+            groups[sr_key_for(p, self.seed)].append(AdamWChunk(
+                target.view(-1), g.reshape(-1), self.exp_avg[i].view(-1), self.exp_avg_sq[i].view(-1),
+                p.sr_index_base, wd))
+        for key, chunks in groups.items():
+            adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+                        rounding=self.rounding, key=key)
+        if self.master is not None:
+            for p, m in zip(self.params, self.master):
+                p.data.copy_(m)  # round to nearest BF16, Megatron's bf16-mp
+        return StepResult(updated=True, grad_norm=norm, skipped=False)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held for params, grads and optimizer states (FP32 master counted as a state), from the tensors."""
+        size = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+        grads = self.main_grads if self.main_grads is not None else [p.grad for p in self.params]
+        states = size(self.exp_avg) + size(self.exp_avg_sq) + (size(self.master) if self.master else 0)
+        return {"params": size(self.params), "grads": size(grads), "optimizer_states": states,
+                "num_params": sum(p.numel() for p in self.params)}
+
+    # ---- checkpoint state (keyed by parameter name) ----
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "precision": self.precision, "step": self.step_count, "lr": self.lr,
+                "seed": self.seed, "names": list(self.names),
+                "exp_avg": [t.clone() for t in self.exp_avg], "exp_avg_sq": [t.clone() for t in self.exp_avg_sq],
+                "master": None if self.master is None else [t.clone() for t in self.master]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"optimizer state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
+        if state["names"] != self.names:
+            missing = sorted(set(self.names) ^ set(state["names"]))[:3]
+            raise ValueError(f"optimizer state: parameters differ from the model's (e.g. {missing})")
+        for dst, src in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
+            for d, s in zip(dst, src):
+                d.copy_(s)
+        if self.master is not None:
+            if state.get("master") is not None:
+                for d, s in zip(self.master, state["master"]):
+                    d.copy_(s)
+            else:  # from a checkpoint without masters: start them from the BF16 params
+                for d, p in zip(self.master, self.params):
+                    d.copy_(p)
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+
+
+def _accumulate_into(buf: torch.Tensor):
+    def hook(p: torch.Tensor) -> None:
+        buf.add_(p.grad)  # BF16 micro-batch gradient into the FP32 sum
+        p.grad = None
+
+    return hook

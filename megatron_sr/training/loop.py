@@ -1,0 +1,164 @@
+"""The training loop: iterations of forward/backward over the global batch, LR, optimizer step, logging,
+validation, checkpoints, and a checkpoint on SIGTERM.
+
+The loop knows nothing about parallelism: it is handed model chunks, an optimizer with the
+step()/zero_grad()/state_dict() interface, an LR scheduler and a forward_backward_func.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .checkpointing import TrainState, save_checkpoint
+from .schedules import average_losses
+from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops
+
+
+def log(message: str) -> None:
+    """Rank-0 printing goes through here."""
+    print(message, flush=True)
+
+
+class SigtermHandler:
+    """Remembers a SIGTERM so the loop can checkpoint at the end of the iteration and exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    train_losses: list[float]  # the loss of every iteration
+    valid_losses: list[tuple[int, float]]  # (iteration, loss) of every validation
+    reason: str  # "done", "sigterm" or "exit-interval"
+
+
+def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator, eval_iters: int,
+             num_microbatches: int) -> float:
+    for m in model_chunks:
+        m.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            losses.extend(forward_backward_func(model_chunks, data_iterator, num_microbatches, True))
+    for m in model_chunks:
+        m.train()
+    return average_losses(losses)
+
+
+def _log_validation(tag: str, iteration: int, loss: float, writer) -> None:
+    ppl = math.exp(min(20.0, loss))
+    line = f" {tag} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+    log("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
+    if writer is not None:
+        writer.add_scalar(f"{tag} lm loss", loss, iteration)
+        writer.add_scalar(f"{tag} lm loss ppl", ppl, iteration)
+
+
+def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forward_backward_func: Callable,
+          train_iterator: Iterator, valid_iterator: Iterator | None, state: TrainState,
+          save_fn: Callable[[TrainState], None] | None = None, writer=None) -> LoopResult:
+    t, m = cfg.training, cfg.model
+    dp = cfg.parallel.data_parallel_size
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    device = next(model_chunks[0].parameters()).device
+    flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
+                                model_chunks[0].vocab_size, m.recompute_activations)
+    model_flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
+                                      model_chunks[0].vocab_size, False)
+    world = cfg.parallel.world_size
+    peak = peak_bf16_tflops(device)
+    save_fn = save_fn or (lambda s: None)
+    sigterm = SigtermHandler()
+    train_losses, valid_losses, window = [], [], []
+    reason = "done"
+    for mc in model_chunks:
+        mc.train()
+    timer = time.perf_counter()
+    iters_in_window = 0
+    try:
+        while state.iteration < t.train_iters:
+            lr = scheduler.step(state.iteration + 1)
+            optimizer.zero_grad()
+            losses = forward_backward_func(model_chunks, train_iterator, num_microbatches, False)
+            result = optimizer.step()
+            state.iteration += 1
+            state.consumed_train_samples += t.global_batch_size
+            if result.skipped:
+                state.skipped_iters += 1
+            loss = average_losses(losses)
+            train_losses.append(loss)
+            window.append(loss)
+            iters_in_window += 1
+            if writer is not None:
+                writer.add_scalar("lm loss", loss, state.iteration)
+                writer.add_scalar("learning rate", lr, state.iteration)
+                writer.add_scalar("grad norm", result.grad_norm, state.iteration)
+            if state.iteration % t.log_interval == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = (time.perf_counter() - timer) / iters_in_window
+                tokens_per_s = t.global_batch_size * m.seq_length / elapsed
+                tflops = flops / elapsed / 1e12 / world
+                mfu = f"{100 * model_flops / elapsed / 1e12 / world / peak:.1f}%" if peak else "n/a"
+                log(f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {state.iteration:8d}/{t.train_iters:8d} |"
+                    f" consumed samples: {state.consumed_train_samples:12d} |"
+                    f" elapsed time per iteration (ms): {elapsed * 1000:.1f} |"
+                    f" tokens per second: {tokens_per_s:.1f} |"
+                    f" TFLOP/s per GPU: {tflops:.2f} | MFU: {mfu} |"
+                    f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
+                    f" lm loss: {sum(window) / len(window):.6E} | grad norm: {result.grad_norm:.3f} |"
+                    f" skipped iterations: {state.skipped_iters:3d} | {memory_report(device)} |")
+                if writer is not None:
+                    writer.add_scalar("tokens per second", tokens_per_s, state.iteration)
+                window, iters_in_window = [], 0
+                timer = time.perf_counter()
+            if valid_iterator is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
+                vloss = evaluate(model_chunks, forward_backward_func, valid_iterator, t.eval_iters, num_microbatches)
+                valid_losses.append((state.iteration, vloss))
+                _log_validation("validation", state.iteration, vloss, writer)
+                timer = time.perf_counter()
+            stop = None
+            if sigterm.received:
+                stop = "sigterm"
+            elif t.exit_interval and state.iteration % t.exit_interval == 0:
+                stop = "exit-interval"
+            if stop or (t.save_interval and state.iteration % t.save_interval == 0):
+                save_fn(state)
+                timer = time.perf_counter()
+            if stop:
+                reason = stop
+                log(f" exiting at iteration {state.iteration} ({stop}), checkpoint written" if t.save
+                    else f" exiting at iteration {state.iteration} ({stop})")
+                break
+    finally:
+        sigterm.restore()
+    return LoopResult(state, train_losses, valid_losses, reason)
+
+
+def make_save_fn(cfg: Config, model_chunks, optimizer) -> Callable[[TrainState], None] | None:
+    if not cfg.training.save:
+        return None
+
+    def save(state: TrainState) -> None:
+        path = save_checkpoint(cfg.training.save, state, model_chunks, optimizer, cfg.to_dict())
+        log(f" saved checkpoint at iteration {state.iteration} to {path}")
+
+    return save
