@@ -35,7 +35,7 @@ class Tiny(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(6, WIDTH)
-        self.layers = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(WIDTH, WIDTH), "norm": nn.LayerNorm(WIDTH)})
+        self.decoder = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(WIDTH, WIDTH), "norm": nn.LayerNorm(WIDTH)})
                                     for _ in range(LAYERS))
         self.head = nn.Linear(WIDTH, 6)
         for name, p in self.named_parameters():  # column-parallel fc, row-parallel head, the rest replicated
@@ -44,7 +44,7 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         h = self.embed(x)
-        for layer in self.layers:
+        for layer in self.decoder:
             h = layer["norm"](h + torch.tanh(layer["fc"](h)))
         return self.head(h)
 
@@ -91,9 +91,9 @@ def test_convert_dp2_to_tp2_pp2_and_back_continues_and_exports(tmp_path):
     b = tmp_path / "b" / "iter_0000002"
     s00 = torch.load(b / "mp_rank_00_000" / "model.pt", weights_only=False)["model"]
     s11 = torch.load(b / "mp_rank_01_001" / "model.pt", weights_only=False)["model"]
-    assert "embed.weight" in s00 and "layers.1.fc.weight" in s00 and "layers.2.fc.weight" not in s00
-    assert "head.weight" in s11 and "layers.0.fc.weight" in s11 and "embed.weight" not in s11  # local numbers
-    assert s00["layers.0.fc.weight"].shape == (WIDTH // 2, WIDTH) and s11["head.weight"].shape == (6, WIDTH // 2)
+    assert "embed.weight" in s00 and "decoder.1.fc.weight" in s00 and "decoder.2.fc.weight" not in s00
+    assert "head.weight" in s11 and "decoder.0.fc.weight" in s11 and "embed.weight" not in s11  # local numbers
+    assert s00["decoder.0.fc.weight"].shape == (WIDTH // 2, WIDTH) and s11["head.weight"].shape == (6, WIDTH // 2)
 
     assert tool.main(["--load", str(tmp_path / "b"), "--save", str(tmp_path / "c"),
                       "--target-tensor-parallel-size", "1", "--target-pipeline-model-parallel-size", "1",

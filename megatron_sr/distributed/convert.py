@@ -3,7 +3,7 @@
 Merging (read_full_checkpoint):
 - tensor parallel: a parameter with `partition_dim >= 0` is the concatenation of the tp ranks' slices
   along that dim (the layers cut `full.chunk(tp, dim)`); a replicated one is taken from tp rank 0;
-- pipeline parallel: names containing `layers.<n>.` are transformer layers; stage-local numbers
+- pipeline parallel: names containing `decoder.<n>.` or `layers.<n>.` are transformer layers; stage-local numbers
   (every stage starting at 0, Megatron's style) are turned into global ones. Other names are "pre"
   (before the first layer: embeddings, first stage) or "post" (after the last: final norm, output).
   The last stage's copy of a tied embedding (`shared_embedding_copy`) is recorded as a tie to the first
@@ -25,7 +25,8 @@ import torch
 from .checkpoint import FORMAT, LATEST, atomic_torch_save, atomic_write_text, iteration_dir, mp_rank_dir, read_metadata
 from .distributed_optimizer import STATE_FORMAT, merge_state_dicts
 
-LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+# transformer layers: a ModuleList named `decoder` (megatron_sr/model/gpt.py) or `layers` (Megatron)
+LAYER = re.compile(r"^(.*?\b(?:decoder|layers)\.)(\d+)(\..*)$")
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
 
