@@ -187,3 +187,28 @@ def test_lr_is_set_per_step_both_ways():
     nn.functional.mse_loss(ddp(x), y).backward()
     assert opt.step().updated and torch.equal(before, ddp.buffer.param_data)
     assert opt.state_dict()["lr"] == 0.0
+
+
+@pytest.mark.parametrize("precision,grad_dtype,state_dtype", [
+    ("bf16-sr", torch.bfloat16, torch.bfloat16), ("bf16-mp", torch.float32, torch.float32),
+    ("bf16", torch.bfloat16, torch.float32)])
+def test_factory_maps_the_trainer_config(precision, grad_dtype, state_dtype):
+    from types import SimpleNamespace
+
+    from megatron_sr.distributed.factory import build_data_parallel
+
+    cfg = SimpleNamespace(lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+                          precision=precision, grad_dtype="bf16",
+                          optimizer_state_dtype="bf16" if precision == "bf16-sr" else "fp32")
+    ddp, opt = build_data_parallel(make_model(torch.bfloat16), cfg, seed=3, use_distributed_optimizer=True)
+    assert ddp.buffer.grad_data.dtype == grad_dtype and opt.exp_avg.dtype == state_dtype
+    assert (opt.master is not None) == (precision == "bf16-mp")
+    assert opt.rounding == ("stochastic" if precision == "bf16-sr" else "nearest")
+    before = ddp.buffer.param_data.clone()
+    x, y = batches(1, 4)[0]
+    nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
+    assert opt.step().updated and not torch.equal(before, ddp.buffer.param_data)
+    if opt.master is not None:  # bf16-mp: the BF16 params are the rounded FP32 masters
+        for pc in opt.pieces:
+            master = opt.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo]
+            assert torch.equal(ddp.buffer.param_data[pc.lo:pc.hi], master.bfloat16())
