@@ -78,12 +78,17 @@ def test_late_sync_bucket_waits_for_the_callback():
     """A bucket holding a late-sync parameter (a tied embedding) starts only after before_late_sync ran."""
     model = _params()
     first = list(model.parameters())[0]  # lies in the last bucket (backward order)
+    calls = []
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.float32, bucket_size=10),
-                                  late_sync_params=[first])
+                                  late_sync_params=[first], before_late_sync=lambda: calls.append(1))
     late = ddp.buffer.param_to_bucket[first].index
     ddp.event_log = []
     ddp(torch.randn(2, 5).bfloat16()).float().sum().backward()
     launched = [b for kind, b in ddp.event_log if kind == "launch"]
     assert late not in launched and len(launched) == len(ddp.buffer.buckets) - 1
     ddp.finish_grad_sync(before_late_sync=lambda: ddp.event_log.append(("callback", -1)))
-    assert ddp.event_log[-2:] == [("callback", -1), ("launch", late)]
+    assert ddp.event_log[-2:] == [("callback", -1), ("launch", late)] and not calls
+    ddp.zero_grad_buffer()
+    ddp(torch.randn(2, 5).bfloat16()).float().sum().backward()
+    ddp.finish_grad_sync()  # the constructor's callback
+    assert calls == [1] and ddp.event_log[-1] == ("launch", late)

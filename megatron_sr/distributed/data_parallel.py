@@ -50,7 +50,7 @@ class DistributedDataParallel(nn.Module):
     """Wraps `module`; forward is the module's. See the module docstring for the gradient path."""
 
     def __init__(self, module: nn.Module, config: DDPConfig, dp_group=None,
-                 late_sync_params: Iterable[nn.Parameter] = ()):
+                 late_sync_params: Iterable[nn.Parameter] = (), before_late_sync: Callable[[], None] | None = None):
         super().__init__()
         self.module = module
         self.config = config
@@ -62,7 +62,9 @@ class DistributedDataParallel(nn.Module):
         self.buffer = ParamAndGradBuffer(list(module.parameters()), grad_dtype=config.grad_dtype,
                                          dp_size=self.dp_size, bucket_size=config.bucket_size)
         # Buckets holding these params start only in finish_grad_sync(), after `before_late_sync` ran
-        # (e.g. the tied-embedding all-reduce between first and last pipeline stage, on the full grads).
+        # (e.g. pipeline/tied_embeddings.allreduce_tied_embedding_grads, which needs the full gradients:
+        # after a reduce-scatter only this rank's shard would be valid, at different places per stage).
+        self.before_late_sync = before_late_sync
         late = {id(p) for p in late_sync_params}
         self._late_buckets = {b.index for b in self.buffer.buckets if any(id(p) in late for p in b.params)}
         self._sync_enabled = True
@@ -127,13 +129,15 @@ class DistributedDataParallel(nn.Module):
                 self._start_bucket(bucket)
 
     def finish_grad_sync(self, before_late_sync: Callable[[], None] | None = None) -> None:
-        """Start what is left, wait for every bucket; afterwards main_grad holds the dp-averaged grads
-        (with the distributed optimizer: only in this rank's shard of each bucket)."""
+        """Start what is left (late-sync buckets after `before_late_sync`, given here or to the
+        constructor), wait for every bucket; afterwards main_grad holds the dp-averaged grads (with the
+        distributed optimizer: only in this rank's shard of each bucket)."""
         if self.is_grad_synced:
             return
         self.start_grad_sync()
-        if before_late_sync is not None:
-            before_late_sync()
+        callback = before_late_sync or self.before_late_sync
+        if callback is not None:
+            callback()
         for index in self._late_buckets:
             self._start_bucket(self.buffer.buckets[index])
         for handle in self._handles.values():
