@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The distributed-optimizer path on one GPU (dp = 1) with the fused kernel vs the non-distributed path.
 
-Runs a small BF16 MLP for a few steps three ways, from the same init and data:
+Runs a small BF16 MLP for a few steps three ways, from the same init and data (then a GPT model, SRAdamW vs
+DistributedOptimizer fed the same gradients):
   A  DistributedDataParallel + DistributedOptimizer (bucketed buffers, fused SR AdamW on the pieces);
   B  the non-distributed update: one AdamWChunk per parameter on `param.grad` (what a single-process
      optimizer does), fused kernel;
@@ -19,6 +20,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: two runs, same grads
 
 import torch
 from torch import nn
@@ -96,6 +99,54 @@ def run_plain(hidden, layers, grad_dtype, device):
     return params, losses, paths
 
 
+def gpt_check(device: str) -> tuple[bool, str]:
+    """GPT model: the trainer's SRAdamW vs build_data_parallel's DistributedOptimizer, fed the same gradients."""
+    from megatron_sr.config import Config, ModelConfig, finalize
+    from megatron_sr.distributed.factory import build_data_parallel
+    from megatron_sr.model import GPTModel
+    from megatron_sr.optimizer.sr_adamw import SRAdamW
+
+    cfg = Config(model=ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=128,
+                                   vocab_size=1024, hidden_dropout=0.0, attention_dropout=0.0))
+    cfg.data.mock_data = True
+    cfg = finalize(cfg)
+    o = cfg.optimizer
+    o.lr, o.weight_decay, o.clip_grad = LR, WD, 0.0  # the norms differ in the last bits (summation order)
+
+    def model():
+        m = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.bfloat16).to(device)
+        assign_sr_streams([m])
+        return m
+
+    ref, dist_model = model(), model()
+    opt_ref = SRAdamW([ref], lr=o.lr, weight_decay=o.weight_decay, beta1=o.adam_beta1, beta2=o.adam_beta2,
+                      eps=o.adam_eps, clip_grad=o.clip_grad, precision=o.precision, seed=cfg.training.seed)
+    ddp, opt = build_data_parallel(dist_model, o, seed=cfg.training.seed, use_distributed_optimizer=True,
+                                   bucket_size=1_000_000)
+    g = torch.Generator().manual_seed(9)
+    same_losses, paths, norms = True, set(), []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, 1024, (4, 129), generator=g).to(device)
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        loss = ref(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
+        with torch.no_grad():
+            loss_d = ddp(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
+        same_losses &= loss.item() == loss_d.item()
+        loss.backward()
+        for p, q in zip(ref.parameters(), dist_model.parameters()):
+            q.main_grad.copy_(p.grad)  # the same gradients into the DDP buffer (backward on GPU may use atomics)
+        ddp._synced = True
+        r_ref, r = opt_ref.step(), opt.step()
+        paths.add(dispatch.last_path)
+        norms.append((r_ref.grad_norm, r.grad_norm))
+    same = _bitwise([p.detach() for p in ref.parameters()], [p.detach() for p in dist_model.parameters()])
+    n = sum(p.numel() for p in ref.parameters())
+    return same and same_losses, (f"GPT {n / 1e6:.2f}M params, {STEPS} steps, path {sorted(paths)}: "
+                                  f"params bitwise SRAdamW == DistributedOptimizer: {same}; losses equal: "
+                                  f"{same_losses}; grad norms (SRAdamW, distributed) {norms[-1]}")
+
+
 def time_step(device: str, hidden: int, layers: int) -> str:
     os.environ["MEGATRON_SR_FUSED"] = "1"
     ddp = DistributedDataParallel(build(hidden, layers, device), DDPConfig(grad_dtype=torch.bfloat16,
@@ -133,6 +184,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001  (the check below needs no group)
         lines.append(f"parallel_state init failed ({type(exc).__name__}: {exc}); running without groups")
     ok = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
     hidden, layers = 256, 2
     for grad_dtype in (torch.bfloat16, torch.float32):
         a, la, pa, nb = run_distributed(hidden, layers, grad_dtype, args.device, fused=True)
@@ -146,6 +198,9 @@ def main(argv=None) -> int:
                      f"B={sorted(pb)} C={sorted(pc)}; A==B (distributed vs per-param) bitwise: {same_ab}; "
                      f"A==C (fused vs reference) bitwise: {same_ac}; losses A {la[0]:.6f} -> {la[-1]:.6f}")
         ok &= same_ab and same_ac
+    gpt_ok, gpt_line = gpt_check(args.device)
+    lines.append(gpt_line)
+    ok &= gpt_ok
     lines.append(time_step(args.device, 1024 if args.device == "cuda" else 128, 8 if args.device == "cuda" else 1))
     lines.append("RESULT: " + ("PASS" if ok else "FAIL"))
     text = "\n".join(lines) + "\n"
