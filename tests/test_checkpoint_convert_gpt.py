@@ -33,8 +33,9 @@ def _build(cfg):
 
 def _save(root, tp, pp):
     ps.initialize_model_parallel(tp, pp)
-    ddp, opt = _build(_cfg(tp, pp))
-    save_checkpoint(root, 7, ddp, opt, common={"config": {"model": {"vocab_size": 128}}})
+    cfg = _cfg(tp, pp)
+    ddp, opt = _build(cfg)
+    save_checkpoint(root, 7, ddp, opt, common={"config": cfg.to_dict()})
 
 
 def _load_and_compare(root, tp, pp):

@@ -137,3 +137,23 @@ def test_tied_copy_round_trip_and_bad_input(tmp_path, capsys):
         write_checkpoint(full, tmp_path / "pp3", tp=1, pp=3)
     assert _tool().main(["--load", str(tmp_path / "missing"), "--export", str(tmp_path / "x.pt")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_vocab_repadding_for_another_tensor_parallel_size():
+    from megatron_sr.distributed.convert import padded_vocab_for, repad_vocab
+
+    common = {"config": {"model": {"vocab_size": 100, "make_vocab_size_divisible_by": 64}}}
+    assert padded_vocab_for(common, 1) == 128 and padded_vocab_for(common, 4) == 256
+    assert padded_vocab_for({}, 2) is None
+    emb = torch.randn(128, 4)
+    full = FullModel({"embedding.word_embeddings.weight": emb.clone(), "norm.weight": torch.ones(4)},
+                     {"embedding.word_embeddings.weight": 0, "norm.weight": -1},
+                     {"embedding.word_embeddings.weight": "pre", "norm.weight": "post"},
+                     optimizer={"embedding.word_embeddings.weight": {"exp_avg": emb.clone()}})
+    assert repad_vocab(full, 256) == 128
+    w = full.tensors["embedding.word_embeddings.weight"]
+    assert w.shape == (256, 4) and torch.equal(w[:128], emb) and not w[128:].any()
+    assert full.optimizer["embedding.word_embeddings.weight"]["exp_avg"].shape == (256, 4)
+    repad_vocab(full, 100)
+    assert torch.equal(full.tensors["embedding.word_embeddings.weight"], emb[:100])
+    assert full.tensors["norm.weight"].shape == (4,)

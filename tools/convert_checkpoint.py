@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sr.distributed.convert import export_tensors, read_full_checkpoint, write_checkpoint  # noqa: E402
+from megatron_sr.distributed.convert import (export_tensors, padded_vocab_for, read_full_checkpoint,  # noqa: E402
+                                            repad_vocab, write_checkpoint)
 
 EXPORT_FORMAT = "megatron_sr.export/1"
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tie", action="append", default=[], metavar="COPY=SOURCE",
                     help="last-stage tied copy name and the embedding it copies (needed when splitting a pp=1 "
                          "checkpoint into stages)")
+    ap.add_argument("--target-padded-vocab-size", type=int,
+                    help="rows of the vocab-parallel weights in the output (default: from the saved config, "
+                         "a multiple of --make-vocab-size-divisible-by x target tp; else unchanged)")
     ap.add_argument("--export", help="write a single-file model (.safetensors or .pt)")
     args = ap.parse_args(argv)
     if not args.save and not args.export:
@@ -92,11 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             full.ties[copy] = source
             full.section[copy] = "post"
             full.partition_dim[copy] = full.partition_dim[source]
+        padded = args.target_padded_vocab_size or padded_vocab_for(full.common, args.target_tensor_parallel_size)
+        if args.save and padded is not None:
+            old = repad_vocab(full, padded)
+            if old != padded:
+                print(f"vocabulary padding {old} -> {padded} rows (padding rows are zeros; logits of padding "
+                      "rows change, so the loss differs slightly from the source layout)")
         if args.save:
             out = write_checkpoint(full, args.save, tp=args.target_tensor_parallel_size,
                                    pp=args.target_pipeline_model_parallel_size, dp=args.target_data_parallel_size)
             print(f"wrote {out}")
         if args.export:
+            padded_one = args.target_padded_vocab_size or padded_vocab_for(full.common, 1)
+            if padded_one is not None:
+                repad_vocab(full, padded_one)  # the exported model is a tp = 1 model
             kind = export_model(full, Path(args.export))
             print(f"exported {len(full.tensors)} tensors to {args.export} ({kind})")
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -229,3 +229,38 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
 def export_tensors(full: FullModel) -> dict[str, torch.Tensor]:
     """The single-file model: full tensors by global name, tied copies left out (they are the embedding)."""
     return {n: t.contiguous() for n, t in full.tensors.items()}
+
+
+VOCAB_NAMES = ("word_embeddings.weight", "output_layer.weight")
+
+
+def padded_vocab_for(common: dict, tp: int) -> int | None:
+    """The padded vocabulary a tp-way model builds (Megatron: a multiple of divisible_by * tp), from the
+    trainer config saved in common.pt; None when the config is not there."""
+    model = (common.get("config") or {}).get("model") if isinstance(common, dict) else None
+    if not isinstance(model, dict) or not model.get("vocab_size"):
+        return None
+    multiple = int(model.get("make_vocab_size_divisible_by", 128)) * tp
+    return -(-int(model["vocab_size"]) // multiple) * multiple
+
+
+def repad_vocab(full: FullModel, padded: int) -> int:
+    """Trim or zero-pad the vocabulary rows of the embedding/output weights (and their optimizer states)
+    to `padded`; returns the old size. Rows past the real vocabulary are never a target token."""
+    names = [n for n in full.tensors if n.endswith(VOCAB_NAMES) and full.partition_dim.get(n) == 0]
+    if not names:
+        raise ValueError("no vocabulary-parallel weight (word_embeddings.weight / output_layer.weight) found")
+    old = full.tensors[names[0]].shape[0]
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if padded <= t.shape[0]:
+            return t[:padded].clone()
+        return torch.cat([t, t.new_zeros((padded - t.shape[0],) + tuple(t.shape[1:]))])
+
+    for name in names:
+        if full.tensors[name].shape[0] != old:
+            raise ValueError(f"{name} has {full.tensors[name].shape[0]} rows, expected {old}")
+        full.tensors[name] = resize(full.tensors[name])
+        if name in full.optimizer:
+            full.optimizer[name] = {k: resize(v) for k, v in full.optimizer[name].items()}
+    return old
