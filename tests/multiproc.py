@@ -12,6 +12,7 @@ tensors are fine (send small, detached ones).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -52,6 +53,41 @@ def _child(rank: int, world_size: int, port: int, results, fn, args) -> None:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def sub_world(world_size: int, tag: str, timeout_s: float = 120.0):
+    """Inside a run_ranks body: make ranks [0, world_size) a fresh default process group of that size.
+
+    Yields True on those ranks (with RANK/WORLD_SIZE set to the sub-world's, as torchrun would) and
+    False on the others, which skip the block. Lets one set of spawned processes run layouts of
+    several world sizes one after another; `tag` must be unique per call (it prefixes the store keys).
+    """
+    global _BASE_STORE
+    rank = int(os.environ["RANK"])
+    full_size = int(os.environ["WORLD_SIZE"]) if _BASE_STORE is None else _BASE_STORE[1]
+    if _BASE_STORE is None:
+        _BASE_STORE = (dist.distributed_c10d._get_default_store(), full_size)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank >= world_size:
+        yield False
+        return
+    saved = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    store = dist.PrefixStore(tag, _BASE_STORE[0])
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield True
+    finally:
+        from megatron_sr.parallel import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.update(saved)
+
+
+_BASE_STORE = None
 _CTX = None
 
 

@@ -12,14 +12,18 @@ Two random streams per process:
 Like Megatron, pipeline stages get different seeds (seed + 100 * pp_rank), so the same layer code on
 two stages does not draw correlated masks. The tracker swaps the device generator's state in and out
 (dropout has no generator argument), on CUDA when the model runs there, otherwise on the CPU.
+
+Activation recomputation must replay the same masks: torch's checkpoint restores the default
+generator, and `checkpoint` here also restores the tracked states for the recomputation.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 
 from . import parallel_state as ps
 
@@ -106,3 +110,23 @@ def model_parallel_seed(seed: int, device_type: str | None = None) -> None:
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG, stage_seed + _TP_SEED_OFFSET + ps.get_tensor_model_parallel_rank(),
                  device_type)
+
+
+@contextlib.contextmanager
+def _tracker_states(states: dict[str, torch.Tensor]) -> Iterator[None]:
+    current = _TRACKER.get_states()
+    _TRACKER.set_states(states)
+    try:
+        yield
+    finally:
+        _TRACKER.set_states(current)
+
+
+def checkpoint(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """torch.utils.checkpoint (non-reentrant) that also replays the tracked RNG states when recomputing."""
+    saved = _TRACKER.get_states()
+
+    def context_fn():
+        return contextlib.nullcontext(), _tracker_states(saved)
+
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
