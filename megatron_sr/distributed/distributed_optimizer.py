@@ -145,7 +145,8 @@ class DistributedOptimizer:
         if not torch.isfinite(norm).item():
             return StepResult(updated=False, grad_norm=norm_value, skipped=True)
         buf = self.model.buffer
-        clip_grads_((buf.grad_data[pc.lo:pc.hi] for pc in self.pieces), norm_value, self.config.clip_grad)
+        # one multiply per bucket shard (padding is zero), not one per parameter piece
+        clip_grads_((buf.grad_data[lo:hi] for lo, hi in self._shard_ranges()), norm_value, self.config.clip_grad)
         self.step_count += 1
         device = buf.param_data.device
         scalars = step_scalars(self.lr, self.step_count, self.config.beta1, self.config.beta2, device)
@@ -158,6 +159,12 @@ class DistributedOptimizer:
         self._all_gather_params()
         return StepResult(updated=True, grad_norm=norm_value, skipped=False)
 
+    def _shard_ranges(self) -> list[tuple[int, int]]:
+        buf, model = self.model.buffer, self.model
+        if not self.shard:
+            return [(b.start, b.end) for b in buf.buckets]
+        return [b.shard_range(model.dp_rank, model.dp_size) for b in buf.buckets]
+
     def _all_gather_params(self) -> None:
         model = self.model
         if not self.shard or model.dp_size == 1:
@@ -166,7 +173,8 @@ class DistributedOptimizer:
         handles = []
         for bucket in buf.buckets:
             lo, hi = bucket.shard_range(model.dp_rank, model.dp_size)
-            handles.append(dist.all_gather_into_tensor(buf.bucket_param_data(bucket), buf.param_data[lo:hi].clone(),
+            # in place: the input is this rank's slice of the output, as Megatron does with NCCL
+            handles.append(dist.all_gather_into_tensor(buf.bucket_param_data(bucket), buf.param_data[lo:hi],
                                                        group=model.dp_group, async_op=True))
         for handle in handles:
             handle.wait()
