@@ -212,3 +212,17 @@ def test_factory_maps_the_trainer_config(precision, grad_dtype, state_dtype):
         for pc in opt.pieces:
             master = opt.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo]
             assert torch.equal(ddp.buffer.param_data[pc.lo:pc.hi], master.bfloat16())
+
+
+def test_setting_the_seed_changes_the_sr_stream():
+    x, y = batches(1, 4)[0]
+    results = []
+    for seed in (None, 99):
+        ddp = DistributedDataParallel(make_model(torch.bfloat16), DDPConfig(grad_dtype=torch.bfloat16))
+        opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1e-2, seed=7))
+        if seed is not None:
+            opt.seed = seed
+        nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
+        opt.step()
+        results.append(ddp.buffer.param_data.clone())
+    assert opt.seed == 99 and not torch.equal(results[0], results[1])

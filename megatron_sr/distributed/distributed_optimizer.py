@@ -75,7 +75,7 @@ class DistributedOptimizer:
         self.config = config
         self.param_groups = [{"lr": config.lr}]  # torch-style: a scheduler may set param_groups[0]["lr"]
         self.step_count = 0  # updates applied: the SR stream's step counter
-        self.seed = config.seed
+        self._seed = config.seed
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
             raise ValueError("sharding the optimizer needs DDP with use_distributed_optimizer=True (reduce-scatter)")
@@ -113,12 +113,22 @@ class DistributedOptimizer:
             s = slice(pc.state_offset, pc.state_offset + n)
             param = self.master[s] if self.master is not None else buf.param_data[pc.lo:pc.hi]
             wd = self.config.weight_decay if pc.param.dim() > 1 else 0.0  # none on biases and norm weights
-            groups[sr_key_for(pc.param, self.config.seed)].append(AdamWChunk(
+            groups[sr_key_for(pc.param, self._seed)].append(AdamWChunk(
                 param, buf.grad_data[pc.lo:pc.hi], self.exp_avg[s], self.exp_avg_sq[s],
                 pc.param.sr_index_base + pc.offset, wd))
         return dict(groups)
 
     # ---- the trainer's optimizer interface ----
+    @property
+    def seed(self) -> int:
+        """The SR stream's seed (settable, like SRAdamW's: the chunks' keys are rebuilt)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = int(value)
+        self._groups = self._chunk_groups()
+
     @property
     def lr(self) -> float:
         return self.param_groups[0]["lr"]
