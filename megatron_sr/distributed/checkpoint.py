@@ -29,7 +29,7 @@ from torch import nn
 
 from ..parallel import parallel_state as ps
 from .data_parallel import DistributedDataParallel
-from .distributed_optimizer import DistributedOptimizer, merge_state_dicts
+from .distributed_optimizer import DistributedOptimizer
 
 FORMAT = "megatron_sr.checkpoint/1"
 LATEST = "latest_checkpointed_iteration.txt"
@@ -189,11 +189,11 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
         files = sorted(shard_dir.glob("optim_dp_*.pt"))
         if not files:
             raise FileNotFoundError(f"{shard_dir}: no optimizer state (optim_dp_*.pt)")
-        states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        states = (torch.load(f, map_location="cpu", weights_only=False) for f in files)  # one at a time
         if isinstance(optimizer, DistributedOptimizer):
-            optimizer.load_state_dict(merge_state_dicts(states))
+            optimizer.load_state_dicts(states)
         else:
-            optimizer.load_state_dict(states[0])
+            optimizer.load_state_dict(next(states))
     rank_file = shard_dir / f"rank_dp_{ps.get_data_parallel_rank():03d}.pt"
     rank_state = None
     if meta["dp"] == ps.get_data_parallel_world_size() and rank_file.exists():

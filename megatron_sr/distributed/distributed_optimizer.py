@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -206,37 +207,52 @@ class DistributedOptimizer:
                 "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
                 "master": None if self.master is None else self.master.clone()}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Load a state saved by any dp rank layout (merge several shards first with `merge_state_dicts`)."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"optimizer state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
+        """Load a state saved at any dp size (one rank's, or several merged with `merge_state_dicts`)."""
+        self.load_state_dicts([state])
+
+    @torch.no_grad()
+    def load_state_dicts(self, states: Iterable[dict]) -> None:
+        """Load from several ranks' states, one at a time (e.g. a generator reading files): each rank
+        copies only the ranges of its own pieces, so it never holds more than one saved shard."""
+        covered = [0] * len(self.pieces)
         by_name = defaultdict(list)
-        for sp in state["pieces"]:
-            by_name[sp["name"]].append(sp)
-        for pc in self.pieces:
-            n = pc.hi - pc.lo
-            covered = 0
-            for sp in by_name.get(pc.name, []):
-                lo, hi = max(pc.offset, sp["offset"]), min(pc.offset + n, sp["offset"] + sp["numel"])
-                if lo >= hi:
-                    continue
-                dst = slice(pc.state_offset + lo - pc.offset, pc.state_offset + hi - pc.offset)
-                src = slice(sp["state_offset"] + lo - sp["offset"], sp["state_offset"] + hi - sp["offset"])
-                self.exp_avg[dst].copy_(state["exp_avg"][src])
-                self.exp_avg_sq[dst].copy_(state["exp_avg_sq"][src])
-                if self.master is not None and state.get("master") is not None:
-                    self.master[dst].copy_(state["master"][src])
-                covered += hi - lo
-            if covered != n:
-                raise ValueError(f"optimizer state: parameter {pc.name} elements [{pc.offset}, {pc.offset + n}) "
-                                 f"are not all in the checkpoint ({covered} of {n} found)")
-        if self.master is not None and state.get("master") is None:  # saved without a master: start from params
+        for i, pc in enumerate(self.pieces):
+            by_name[pc.name].append(i)
+        step = lr = None
+        any_master = True
+        for state in states:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"optimizer state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
+            step, lr = int(state["step"]), float(state.get("lr", self.lr))
+            any_master &= state.get("master") is not None
+            for sp in state["pieces"]:
+                for i in by_name.get(sp["name"], []):
+                    covered[i] += self._copy_overlap(self.pieces[i], sp, state)
+        if step is None:
+            raise ValueError("optimizer state: nothing to load")
+        for pc, got in zip(self.pieces, covered):
+            if got != pc.hi - pc.lo:
+                raise ValueError(f"optimizer state: parameter {pc.name} elements [{pc.offset}, "
+                                 f"{pc.offset + pc.hi - pc.lo}) are not all in the checkpoint ({got} found)")
+        if self.master is not None and not any_master:  # saved without a master: start from the params
             for pc in self.pieces:
                 self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo].copy_(
                     self.model.buffer.param_data[pc.lo:pc.hi])
-        self.step_count = int(state["step"])
-        self.lr = float(state.get("lr", self.lr))
+        self.step_count, self.lr = step, lr
+
+    def _copy_overlap(self, pc: _Piece, sp: dict, state: dict) -> int:
+        n = pc.hi - pc.lo
+        lo, hi = max(pc.offset, sp["offset"]), min(pc.offset + n, sp["offset"] + sp["numel"])
+        if lo >= hi:
+            return 0
+        dst = slice(pc.state_offset + lo - pc.offset, pc.state_offset + hi - pc.offset)
+        src = slice(sp["state_offset"] + lo - sp["offset"], sp["state_offset"] + hi - sp["offset"])
+        self.exp_avg[dst].copy_(state["exp_avg"][src])
+        self.exp_avg_sq[dst].copy_(state["exp_avg_sq"][src])
+        if self.master is not None and state.get("master") is not None:
+            self.master[dst].copy_(state["master"][src])
+        return hi - lo
 
 
 def merge_state_dicts(states: list[dict]) -> dict:
