@@ -190,3 +190,41 @@ def test_mismatched_sizes_raise_before_the_binding():
                    torch.zeros(8, device="cuda"), torch.zeros(8, device="cuda"), 0, 0.0)
     with pytest.raises(ValueError, match="sizes differ"):
         _fused([c], step_scalars(LR, 1, B1, B2, "cuda"), 1, "stochastic")
+
+
+def test_plan_is_reused_for_the_same_tensors_and_rebuilt_on_any_change():
+    """New chunk objects over the same tensors reuse the checked plan; a new offset, decay or tensor rebuilds it."""
+    from megatron_sr.optimizer import fused
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    chunks = [_make_chunk(n, (BF16, BF16, F32), gen, base, wd) for n, base, wd in
+              [(1000, 0, 0.1), (8191, 1000, 0.0), (0, 9191, 0.1), (65539, 9191, 0.1)]]
+    want = [_clone(c) for c in chunks]
+    same = lambda cs: [AdamWChunk(c.param, c.grad, c.exp_avg, c.exp_avg_sq, c.base_index, c.weight_decay)  # noqa: E731
+                       for c in cs]
+    builds = []
+    for step in range(1, 6):
+        if step == 3:  # another stream offset for one chunk
+            chunks[1].base_index = want[1].base_index = 5
+        if step == 4:  # another weight decay
+            chunks[0].weight_decay = want[0].weight_decay = 0.0
+        if step == 5:  # another tensor in place of one state
+            chunks[3].exp_avg = chunks[3].exp_avg.clone()
+        scalars = step_scalars(LR, step, B1, B2, "cuda")
+        _fused(same(chunks), scalars, step, "stochastic")
+        _reference(want, scalars, step, "stochastic")
+        builds.append(fused.plan_builds)
+    torch.cuda.synchronize()
+    for c, w in zip(chunks, want):
+        _assert_same(c, w, "cached plans")
+    assert [b - builds[0] for b in builds] == [0, 0, 1, 2, 3]
+    # a non-contiguous view with the same pointer, size and dtype as a planned tensor is not that tensor
+    buf = _rand(2000, BF16, 1.0, gen)
+    head = AdamWChunk(buf[:1000], *(t.clone() for t in (chunks[0].grad, chunks[0].exp_avg, chunks[0].exp_avg_sq)),
+                      0, 0.1)
+    _fused([head], scalars, 6, "stochastic")
+    assert fused.cached_plan(same([head])) is not None
+    strided = same([head])
+    strided[0].param = buf[::2]
+    assert strided[0].param.data_ptr() == head.param.data_ptr() and not strided[0].param.is_contiguous()
+    assert fused.cached_plan(strided) is None

@@ -73,3 +73,52 @@ def test_build_directory_is_keyed_by_torch_cuda_and_arch(monkeypatch, tmp_path):
 def test_empty_chunk_list_is_a_no_op(fresh_warning):
     adamw_step_([], scalars=step_scalars(1e-3, 1, 0.9, 0.95, "cpu"), step=1, consts=CONSTS, rounding="nearest", key=KEY)
     assert dispatch._warned is False
+
+
+class _FakeExtension:
+    """Stands in for the CUDA extension: records plans and launches; a Python signature of the same fields."""
+
+    def __init__(self):
+        self.launches = []
+
+    @staticmethod
+    def signature(chunks):
+        return repr([(t.data_ptr(), t.numel(), t.dtype, t.is_contiguous(), t.device) for c in chunks
+                     for t in (c.param, c.grad, c.exp_avg, c.exp_avg_sq)] +
+                    [(c.base_index, c.weight_decay) for c in chunks]).encode()
+
+    def plan(self, params, grads, exp_avgs, exp_avg_sqs, bases, decays):
+        return "", torch.zeros(64 * len(params), dtype=torch.uint8), sum(p.numel() for p in params), [1, 1, 0]
+
+    def tile_map(self, table, tiles):
+        return torch.zeros(max(tiles, 1), dtype=torch.int32)
+
+    def step(self, table, tile_map, tiles, dtypes, *args):
+        self.launches.append((tiles, tuple(dtypes)))
+        return ""
+
+
+def test_plan_cache_hits_for_the_same_tensors_and_misses_on_changes(monkeypatch):
+    ext = _FakeExtension()
+    monkeypatch.setattr(fused, "_plans", type(fused._plans)())
+    monkeypatch.setattr(fused, "_extensions", {(0, 0): ext})
+    monkeypatch.setattr(fused, "load_extension", lambda device=None: ext)
+    chunks = [_chunk(100), _chunk(20, 100, 0.0, seed=1), _chunk(7, 120, state=torch.bfloat16, seed=2)]
+    same = lambda: [AdamWChunk(c.param, c.grad, c.exp_avg, c.exp_avg_sq, c.base_index, c.weight_decay)  # noqa: E731
+                    for c in chunks]
+    assert fused.cached_plan(chunks) is None
+    plan = fused.build_plan(chunks)
+    assert [launch[2] for launch in plan.launches] == [120, 7]  # one launch per dtype triple
+    assert fused.cached_plan(same()) is plan
+    plan.step(scalars=torch.zeros(3), step=torch.tensor(4), consts=CONSTS, stochastic=True, key=KEY)
+    assert ext.launches == [(120, (1, 1, 0)), (7, (1, 1, 0))]
+    for change in (lambda cs: setattr(cs[1], "base_index", 101), lambda cs: setattr(cs[0], "weight_decay", 0.0),
+                   lambda cs: setattr(cs[2], "grad", cs[2].grad.clone())):
+        cs = same()
+        change(cs)
+        assert fused.cached_plan(cs) is None
+    bad = same()
+    bad[0].grad = bad[0].grad[:50]
+    with pytest.raises(ValueError, match="sizes differ"):
+        fused.build_plan(bad)
+    assert fused.cached_plan(bad) is None

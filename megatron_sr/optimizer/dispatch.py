@@ -52,18 +52,28 @@ def adamw_step_(
     """Apply one AdamW step to every chunk in place (scalars from `step_scalars`).
 
     `step` is an int or a one-element int64 tensor; on the fused path a CUDA step tensor and the
-    scalars tensor are read on the device, so a CUDA graph can capture the step.
+    scalars tensor are read on the device, so a CUDA graph can capture the step. The first call with a
+    chunk list checks it and plans the launch; later calls with the same tensors (new AdamWChunk objects
+    are fine) reuse that plan, so their host cost is one C++ pass over the list plus the launch.
     """
     global last_path
     rounding = Rounding(rounding)
+    fused_on = os.environ.get("MEGATRON_SR_FUSED", "1") != "0"
+    # Fast path for a chunk list seen before (same tensors, sizes, dtypes, offsets): one C++ pass computes
+    # its signature, then one launch per dtype triple. Its checks ran when its plan was built.
+    plan = fused.cached_plan(chunks) if fused_on else None
+    if plan is not None:
+        plan.step(scalars=scalars, step=step, consts=consts, stochastic=rounding is Rounding.STOCHASTIC, key=key)
+        last_path = "fused"
+        return
     live = [c for c in chunks if c.param.numel() > 0]
     if not live:
         return
     reason = fused_unusable_reason(live, scalars)
     if reason is None:
         try:
-            fused.fused_adamw_step_(live, scalars=scalars, step=step, consts=consts,
-                                    stochastic=rounding is Rounding.STOCHASTIC, key=key)
+            fused.build_plan(chunks, live).step(scalars=scalars, step=step, consts=consts,
+                                                stochastic=rounding is Rounding.STOCHASTIC, key=key)
             last_path = "fused"
             return
         except fused.FusedUnavailable as exc:

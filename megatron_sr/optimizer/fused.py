@@ -32,8 +32,9 @@ class FusedUnavailable(RuntimeError):
 
 _extensions: dict[tuple[int, int], object] = {}
 _failures: dict[tuple[int, int], str] = {}
-_tables: OrderedDict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_MAX_TABLES = 32
+_plans: OrderedDict[bytes, "FusedPlan"] = OrderedDict()  # chunk-list signature -> plan (LRU)
+_MAX_PLANS = 32
+plan_builds = 0  # how many plans were built (checked) in this process; tests read it
 
 
 def build_directory(capability: tuple[int, int]) -> Path:
@@ -87,18 +88,80 @@ def _build(cap: tuple[int, int]):
             os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch_list
 
 
-def _device_tables(ext, table: torch.Tensor, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device copies of a chunk table and its tile map, reused while the same chunks come back."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(), table.numpy().tobytes())
-    cached = _tables.get(key)
-    if cached is None:
-        cached = (table.to(device), ext.tile_map(table, tiles).to(device))
-        _tables[key] = cached
-        if len(_tables) > _MAX_TABLES:
-            _tables.popitem(last=False)
-    else:
-        _tables.move_to_end(key)
-    return cached
+class FusedPlan:
+    """The launches of one chunk list: per dtype triple, the chunk table and tile map on the device.
+
+    Built (and checked) once per chunk list; a step is then one `ext.step` call per dtype triple,
+    with no per-chunk work on the host.
+    """
+
+    def __init__(self, ext, launches: list[tuple[torch.Tensor, torch.Tensor, int, list[int]]]):
+        self.ext = ext
+        self.launches = launches  # (table, tile_map, tiles, dtypes) per dtype triple, tables on the device
+
+    def step(self, *, scalars: torch.Tensor, step: int | torch.Tensor, consts: AdamWConstants, stochastic: bool,
+             key: SRKey) -> None:
+        step_tensor, step_value = None, 0
+        if isinstance(step, torch.Tensor) and step.is_cuda:
+            step_tensor = step if step.dtype == torch.int64 else step.to(torch.int64)
+        else:
+            step_value = int(step)
+        for table, tile_map, tiles, dtypes in self.launches:
+            error = self.ext.step(table, tile_map, tiles, dtypes, scalars, step_tensor, step_value,
+                                  consts.beta1, consts.beta2, consts.eps, consts.one_minus_beta1,
+                                  consts.one_minus_beta2, key.k0, key.k1, stochastic)
+            if error:
+                raise RuntimeError(error)
+
+
+def cached_plan(chunks: list["AdamWChunk"]) -> FusedPlan | None:
+    """The plan built earlier for a chunk list with the same signature, or None (the caller checks and builds).
+
+    The signature (csrc/chunk_signature.h) holds every input of a plan: each tensor's pointer, size, dtype,
+    contiguity and device, and each chunk's base_index and weight_decay. So new chunk objects over the same
+    tensors hit, and any change that could change the launch misses.
+    """
+    if not _plans or not _extensions:
+        return None
+    signature = next(iter(_extensions.values())).signature(chunks)
+    plan = _plans.get(signature) if signature is not None else None
+    if plan is not None:
+        _plans.move_to_end(signature)
+    return plan
+
+
+def build_plan(chunks: list["AdamWChunk"], live: list["AdamWChunk"] | None = None) -> FusedPlan:
+    """Check `live` (default: all chunks; non-empty CUDA chunks), build its plan and cache it under `chunks`."""
+    global plan_builds
+    live = chunks if live is None else live
+    device = live[0].param.device
+    for i, c in enumerate(live):  # checked here too: a C++ exception is the binding's last resort, not its API
+        n = c.param.numel()
+        if not (c.grad.numel() == c.exp_avg.numel() == c.exp_avg_sq.numel() == n):
+            raise ValueError(f"sr_adamw: chunk {i} sizes differ: param {n}, grad {c.grad.numel()}, "
+                             f"exp_avg {c.exp_avg.numel()}, exp_avg_sq {c.exp_avg_sq.numel()}")
+    ext = load_extension(device)
+    by_dtypes: dict[tuple[torch.dtype, ...], list[AdamWChunk]] = {}
+    for c in live:
+        by_dtypes.setdefault((c.param.dtype, c.grad.dtype, c.exp_avg.dtype), []).append(c)
+    launches = []
+    for group in by_dtypes.values():
+        error, table, tiles, dtypes = ext.plan(
+            [c.param for c in group], [c.grad for c in group], [c.exp_avg for c in group],
+            [c.exp_avg_sq for c in group], [int(c.base_index) for c in group], [float(c.weight_decay) for c in group],
+        )
+        if error:
+            raise ValueError(error)
+        if tiles > 0:
+            launches.append((table.to(device), ext.tile_map(table, tiles).to(device), tiles, dtypes))
+    plan = FusedPlan(ext, launches)
+    plan_builds += 1
+    signature = ext.signature(chunks)
+    if signature is not None:
+        _plans[signature] = plan
+        if len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)
+    return plan
 
 
 def fused_adamw_step_(
@@ -110,34 +173,6 @@ def fused_adamw_step_(
     stochastic: bool,
     key: SRKey,
 ) -> None:
-    """One fused launch per (param, grad, state) dtype triple over non-empty CUDA chunks."""
-    device = chunks[0].param.device
-    for i, c in enumerate(chunks):  # checked here too: a C++ exception is the binding's last resort, not its API
-        n = c.param.numel()
-        if not (c.grad.numel() == c.exp_avg.numel() == c.exp_avg_sq.numel() == n):
-            raise ValueError(f"sr_adamw: chunk {i} sizes differ: param {n}, grad {c.grad.numel()}, "
-                             f"exp_avg {c.exp_avg.numel()}, exp_avg_sq {c.exp_avg_sq.numel()}")
-    ext = load_extension(device)
-    step_tensor, step_value = None, 0
-    if isinstance(step, torch.Tensor) and step.is_cuda:
-        step_tensor = step if step.dtype == torch.int64 else step.to(torch.int64)
-    else:
-        step_value = int(step)
-    by_dtypes: dict[tuple[torch.dtype, ...], list[AdamWChunk]] = {}
-    for c in chunks:
-        by_dtypes.setdefault((c.param.dtype, c.grad.dtype, c.exp_avg.dtype), []).append(c)
-    for group in by_dtypes.values():
-        error, table, tiles, dtypes = ext.plan(
-            [c.param for c in group], [c.grad for c in group], [c.exp_avg for c in group],
-            [c.exp_avg_sq for c in group], [int(c.base_index) for c in group], [float(c.weight_decay) for c in group],
-        )
-        if error:
-            raise ValueError(error)
-        if tiles == 0:
-            continue
-        table_dev, tile_map_dev = _device_tables(ext, table, tiles, device)
-        error = ext.step(table_dev, tile_map_dev, tiles, dtypes, scalars, step_tensor, step_value,
-                         consts.beta1, consts.beta2, consts.eps, consts.one_minus_beta1, consts.one_minus_beta2,
-                         key.k0, key.k1, stochastic)
-        if error:
-            raise RuntimeError(error)
+    """One fused launch per (param, grad, state) dtype triple over non-empty CUDA chunks (plan cached)."""
+    plan = cached_plan(chunks) or build_plan(chunks)
+    plan.step(scalars=scalars, step=step, consts=consts, stochastic=stochastic, key=key)

@@ -4,6 +4,7 @@
 //   plan(params, grads, exp_avgs, exp_avg_sqs, base_indices, weight_decays) -> (error, table, tiles, dtypes)
 //   tile_map(table, tiles) -> int32 CPU tensor: the chunk of each tile
 //   step(table, tile_map, tiles, dtypes, scalars, step_tensor|None, step_value, consts..., key, sr) -> error
+//   signature(chunks) -> bytes | None: the cache key of a chunk list (see chunk_signature.h)
 // Errors come back as strings ("" = fine) instead of C++ exceptions, and are built without iostreams: on the
 // lent GPU machine a failed TORCH_CHECK, and later an error message built with std::ostringstream, crashed
 // the process (cause not established), so the binding never throws and Python raises instead.
@@ -17,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "chunk_signature.h"
 #include "sr_adamw.h"
 
 namespace {
@@ -153,4 +155,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "Check a chunk list; build its chunk table (CPU uint8) and tile count; error or \"\"");
   m.def("tile_map", &tile_map, "The chunk index of each tile of a planned table (CPU int32)");
   m.def("step", &step, "One SR AdamW step over a planned chunk table on the params' device; error or \"\"");
+  m.def("signature", &megatron_sr::chunk_signature,
+        "Bytes that determine a chunk list's plan (pointers, sizes, dtypes, layout, base, decay), or None");
 }
