@@ -95,3 +95,38 @@ def _dp2_same_data():
 @pytest.mark.slow
 def test_dp2_sharded_update_is_the_single_process_update():
     assert run_ranks(2, _dp2_same_data) == [True, True]
+
+
+def test_sharded_checkpoint_resumes_bitwise_in_the_single_process_trainer(tmp_path):
+    """A DistributedOptimizer checkpoint (dp = 1) loads through the trainer's load_checkpoint into
+    SRAdamW, and the two continue bit for bit alike."""
+    from megatron_sr.distributed.checkpoint import save_checkpoint
+    from megatron_sr.training.checkpointing import load_checkpoint
+
+    cfg = _cfg("bf16-sr", state_dtype="fp32")
+    model = _model(cfg)
+    ddp, opt = build_data_parallel(model, cfg.optimizer, seed=cfg.training.seed, use_distributed_optimizer=True,
+                                   bucket_size=3000)
+    batches = _batches()
+
+    def step(forward_model, optimizer, tokens):
+        optimizer.zero_grad()
+        forward_model(tokens[:, :-1], labels=tokens[:, 1:]).float().mean().backward()
+        optimizer.step()
+
+    step(ddp, opt, batches[0])
+    save_checkpoint(tmp_path, 1, ddp, opt, common={"consumed_train_samples": 4, "skipped_iters": 0,
+                                                   "config": {"marker": 1}})
+    for tokens in batches[1:]:
+        step(ddp, opt, tokens)
+
+    single = _model(cfg)
+    o = cfg.optimizer
+    sr = SRAdamW([single], lr=o.lr, weight_decay=o.weight_decay, beta1=o.adam_beta1, beta2=o.adam_beta2,
+                 eps=o.adam_eps, precision=o.precision, seed=cfg.training.seed)
+    state, config = load_checkpoint(str(tmp_path), [single], sr)
+    assert (state.iteration, state.consumed_train_samples, config, sr.step_count) == (1, 4, {"marker": 1}, 1)
+    for tokens in batches[1:]:
+        step(single, sr, tokens)
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))

@@ -166,6 +166,37 @@ def load_model_shard(model: nn.Module, shard: dict, source: str) -> None:
             tensor.copy_(saved)  # in place: parameters stay views into the DDP buffer
 
 
+@torch.no_grad()
+def load_into_per_param_optimizer(optimizer, states, source: str) -> None:
+    """Sharded optimizer states (named pieces) into the single-process SRAdamW, whose state_dict holds
+    `names` and per-parameter `exp_avg` / `exp_avg_sq` / `master` lists (optimizer/sr_adamw.py)."""
+    target = optimizer.state_dict()
+    if "names" not in target:
+        raise ValueError(f"{source}: cannot load sharded optimizer states into {type(optimizer).__name__}")
+    index = {name: i for i, name in enumerate(target["names"])}
+    covered = [0] * len(index)
+    step = lr = None
+    saved_master = True
+    for state in states:
+        step, lr = int(state["step"]), float(state["lr"])
+        saved_master &= state.get("master") is not None
+        for sp in state["pieces"]:
+            if sp["name"] not in index:
+                raise ValueError(f"{source}: optimizer state for {sp['name']}, which the model does not have")
+            i, n, off, src = index[sp["name"]], sp["numel"], sp["offset"], sp["state_offset"]
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                if target.get(key) is not None and state.get(key) is not None:
+                    target[key][i].view(-1)[off:off + n].copy_(state[key][src:src + n])
+            covered[i] += n
+    for name, i in index.items():
+        if covered[i] != target["exp_avg"][i].numel():
+            raise ValueError(f"{source}: optimizer state of {name} is incomplete ({covered[i]} elements)")
+    target["step"], target["lr"] = step, lr
+    if not saved_master:
+        target["master"] = None  # SRAdamW then starts its FP32 masters from the loaded BF16 params
+    optimizer.load_state_dict(target)
+
+
 def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, iteration: int | None = None,
                     load_optimizer: bool = True) -> tuple[int, dict, dict | None]:
     """Load into an already built model/optimizer. Returns (iteration, common, rank_state or None).
@@ -193,7 +224,7 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
         if isinstance(optimizer, DistributedOptimizer):
             optimizer.load_state_dicts(states)
         else:
-            optimizer.load_state_dict(next(states))
+            load_into_per_param_optimizer(optimizer, states, str(shard_dir))
     rank_file = shard_dir / f"rank_dp_{ps.get_data_parallel_rank():03d}.pt"
     rank_state = None
     if meta["dp"] == ps.get_data_parallel_world_size() and rank_file.exists():

@@ -111,6 +111,15 @@ def load_checkpoint(load_dir: str, model_chunks: list[nn.Module], optimizer) -> 
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         return None
+    if (Path(load_dir) / f"iter_{iteration:07d}" / "metadata.json").is_file():
+        # A sharded checkpoint (torchrun runs, tools/convert_checkpoint.py): megatron_sr.distributed.checkpoint.
+        from ..distributed.checkpoint import load_checkpoint as load_sharded
+
+        it, common, rank_state = load_sharded(load_dir, model_chunks[0], optimizer, iteration=iteration)
+        if rank_state is not None:
+            set_rng_state(rank_state)
+        return TrainState(it, common.get("consumed_train_samples", 0), common.get("skipped_iters", 0)), \
+            common.get("config", {})
     path = checkpoint_file(Path(load_dir) / f"iter_{iteration:07d}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
