@@ -97,6 +97,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _opt(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline-parallel size")
     use_distributed_optimizer: bool = _opt(False, "shard optimizer states over data-parallel ranks")
+    sequence_parallel: bool = _opt(False, "with tp > 1: split activations along the sequence between tp regions")
+    ddp_bucket_size: int | None = _opt(None, "elements per data-parallel gradient bucket (default 40M)")
 
     @property
     def world_size(self) -> int:
@@ -253,6 +255,11 @@ def finalize(cfg: Config) -> Config:
     if m.num_layers % p.pipeline_model_parallel_size:
         raise ConfigError(f"--num-layers {m.num_layers} is not divisible by "
                           f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+    if p.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
+        raise ConfigError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
+                          f"--tensor-model-parallel-size {p.tensor_model_parallel_size}")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
+        raise ConfigError("--ddp-bucket-size must be positive")
     if p.world_size % (p.tensor_model_parallel_size * p.pipeline_model_parallel_size):
         raise ConfigError(f"world size {p.world_size} is not divisible by tensor x pipeline parallel size")
     dp = p.data_parallel_size

@@ -25,7 +25,8 @@ from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops
 
 def log(message: str) -> None:
     """Rank-0 printing goes through here."""
-    print(message, flush=True)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
 
 
 class SigtermHandler:

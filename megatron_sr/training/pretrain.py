@@ -23,7 +23,11 @@ from .checkpointing import TrainState, load_checkpoint
 from .loop import LoopResult, _log_validation, evaluate, log, make_save_fn, train
 from .lr_schedule import LRScheduler
 from .mock_data import MockGPTDataset
-from .schedules import forward_backward_no_pipelining
+from .schedules import forward_backward_no_pipelining, get_batch, loss_func
+from ..parallel.parallelize import load_checkpoint as load_parallel_checkpoint
+from ..parallel.parallelize import make_forward_backward_func as make_parallel_forward_backward_func
+from ..parallel.parallelize import make_save_fn as make_parallel_save_fn
+from ..parallel.parallelize import parallelize
 
 
 def initialize(cfg: Config) -> torch.device:
@@ -32,6 +36,7 @@ def initialize(cfg: Config) -> torch.device:
     if cfg.parallel.world_size > 1 and not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size)
+    ps.set_sequence_parallel(cfg.parallel.sequence_parallel)
     if t.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -125,13 +130,16 @@ def pretrain(cfg: Config) -> LoopResult:
     build_tokenizer(cfg)
     model_chunks = build_model_chunks(cfg, device)
     assign_sr_streams(model_chunks)
-    optimizer = build_optimizer(cfg, model_chunks)
+    # Under torchrun: DDP buffers + DistributedOptimizer, pipeline schedule, sharded checkpoints (docs/parallel.md).
+    parallel = parallelize(cfg, model_chunks[0]) if cfg.parallel.world_size > 1 else None
+    optimizer = parallel.optimizer if parallel else build_optimizer(cfg, model_chunks)
     scheduler = LRScheduler(optimizer, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
                             warmup_iters=cfg.optimizer.lr_warmup_iters, decay_iters=cfg.optimizer.lr_decay_iters,
                             decay_style=cfg.optimizer.lr_decay_style)
     state = TrainState()
     if cfg.training.load:
-        loaded = load_checkpoint(cfg.training.load, model_chunks, optimizer)
+        loaded = (load_parallel_checkpoint(cfg, parallel) if parallel
+                  else load_checkpoint(cfg.training.load, model_chunks, optimizer))
         if loaded is None:
             log(f" WARNING: no checkpoint in {cfg.training.load}; training from scratch")
         else:
@@ -141,8 +149,12 @@ def pretrain(cfg: Config) -> LoopResult:
     log(f" > {n_params / 1e6:.2f}M parameters, precision {cfg.optimizer.precision}, device {device}")
     train_it, valid_it, _ = build_iterators(cfg, build_datasets(cfg), state.consumed_train_samples)
     writer = tensorboard_writer(cfg)
-    fb = choose_forward_backward_func(cfg)
-    save_fn = make_save_fn(cfg, model_chunks, optimizer)
+    if parallel:
+        fb = make_parallel_forward_backward_func(cfg, parallel, get_batch, loss_func, device)
+        save_fn = make_parallel_save_fn(cfg, parallel)
+    else:
+        fb = choose_forward_backward_func(cfg)
+        save_fn = make_save_fn(cfg, model_chunks, optimizer)
     result = train(cfg, model_chunks, optimizer, scheduler, fb, train_it, valid_it, state, save_fn, writer)
     if result.reason == "done":
         t = cfg.training
