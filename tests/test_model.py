@@ -99,3 +99,18 @@ def test_initial_loss_is_near_ln_vocab():
     with torch.no_grad():
         loss = float(model(x, labels=y).mean())
     assert abs(loss - torch.log(torch.tensor(float(model.vocab_size)))) < 0.1
+
+
+def test_cpu_bf16_linear_is_an_fp32_gemm_of_bf16_operands():
+    from megatron_sr.model.cpu_bf16 import cpu_bf16_matmul
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(32, 64, generator=g).bfloat16().requires_grad_()
+    with cpu_bf16_matmul(x):
+        y = torch.nn.functional.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16())
+    native = torch.nn.functional.linear(x, w)  # torch's own BF16 GEMM: same up to accumulation order
+    torch.testing.assert_close(y.float(), native.float(), rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, x.float().sum(0).expand(32, -1).bfloat16())

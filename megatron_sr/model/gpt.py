@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import Config, ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits, vocab_parallel_cross_entropy
+from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for
 from .transformer import TransformerLayer, layer_norm
 
@@ -115,7 +116,8 @@ class GPTModel(nn.Module):
                 h = layer(h, position_ids)
         if not self.post_process:
             return h
-        logits = parallel_lm_logits(self.final_layernorm(h), self.output_weight())
+        with cpu_bf16_matmul(h):
+            logits = parallel_lm_logits(self.final_layernorm(h), self.output_weight())
         if labels is None:
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels)

@@ -14,6 +14,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
+from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for, output_layer_std
 
 
@@ -106,5 +107,6 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         p = self.hidden_dropout if self.training else 0.0
-        x = x + F.dropout(self.self_attention(self.input_layernorm(x), position_ids), p)
-        return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)
+        with cpu_bf16_matmul(x):  # inside the layer, so activation recomputation uses it too
+            x = x + F.dropout(self.self_attention(self.input_layernorm(x), position_ids), p)
+            return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Sample text from a megatron-sr checkpoint.
+
+    python3 tools/generate.py --load ckpt --prompt "ROMEO:" --max-new-tokens 200
+The model size and tokenizer come from the checkpoint's saved config (--tokenizer-model overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megatron_sr.config import Config  # noqa: E402
+from megatron_sr.model import GPTModel  # noqa: E402
+from megatron_sr.training.checkpointing import checkpoint_file, read_latest_iteration  # noqa: E402
+
+
+def load_model(load_dir: str, device: torch.device) -> tuple[GPTModel, Config, int]:
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(f"{load_dir}: no latest_checkpointed_iteration.txt (not a checkpoint directory)")
+    path = checkpoint_file(Path(load_dir) / f"iter_{iteration:07d}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = Config.from_dict(payload["config"])
+    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
+    model = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.float32)
+    model.load_state_dict({k: v.float() for k, v in payload["model"].items()})
+    # BF16 matmuls are slow on most CPUs; FP32 inference of BF16 weights gives the same function.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), cfg, iteration
+
+
+@torch.no_grad()
+def generate(model: GPTModel, ids: list[int], max_new_tokens: int, seq_length: int, temperature: float,
+             top_k: int, vocab_size: int, eod_id: int | None, generator: torch.Generator) -> list[int]:
+    device = next(model.parameters()).device
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([out[-seq_length:]], device=device)
+        logits = model(context)[0, -1, :vocab_size].float()  # drop the vocabulary padding
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, vocab_size)).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
+        if eod_id is not None and nxt == eod_id:
+            break
+        out.append(nxt)
+    return out[len(ids):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--load", required=True, help="checkpoint directory (as given to --save)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--tokenizer-model", help="sentencepiece model (default: the one in the checkpoint's config)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    try:
+        model, cfg, iteration = load_model(args.load, device)
+        tok_path = args.tokenizer_model or cfg.data.tokenizer_model
+        if not tok_path:
+            raise ValueError("the checkpoint was trained without a tokenizer (--mock-data); nothing to decode with")
+        from megatron_sr.data import SentencePieceTokenizer
+
+        tok = SentencePieceTokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"generate.py: error: {exc}", file=sys.stderr)
+        return 2
+    ids = tok.tokenize(args.prompt) if args.prompt else [tok.eod_id]
+    gen = torch.Generator().manual_seed(args.seed)
+    new = generate(model, ids, args.max_new_tokens, cfg.model.seq_length, args.temperature, args.top_k,
+                   tok.vocab_size, tok.eod_id, gen)
+    print(f"[iteration {iteration}] {args.prompt}{tok.detokenize(new)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
