@@ -72,3 +72,13 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown key 'hidden-sise'" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", ["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny_quickstart"])
+def test_example_configs_parse(name, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1" if name == "tiny_quickstart" else "8")  # the sizes they are meant for
+    cfg = parse_config(["--config", str(REPO / "examples" / f"gpt_{name}.yaml"), "--mock-data"])
+    assert cfg.optimizer.precision == "bf16-sr"
+    if name != "tiny_quickstart":
+        script = (REPO / "examples" / f"gpt_{name}.sh").read_text()
+        assert f"examples/gpt_{name}.yaml" in script and "torchrun" in script

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPT 350M with the bf16-sr recipe on one node. Edit the paths and sizes below, then:
+#   bash examples/gpt_350m.sh
+set -euo pipefail
+
+# ---- edit these ----
+DATA_PATH=data/my_corpus_text_document     # from tools/preprocess_data.py (a blend: "0.7 A 0.3 B")
+TOKENIZER=data/tokenizer.model             # from tools/train_tokenizer.py
+SAVE=checkpoints/gpt_350m
+GPUS_PER_NODE=${GPUS_PER_NODE:-1}    # dp = GPUS / (tp x pp)
+TRAIN_ITERS=100000
+GLOBAL_BATCH=256
+MICRO_BATCH=8
+# --------------------
+
+cd "$(dirname "$0")/.."
+torchrun --standalone --nproc-per-node "$GPUS_PER_NODE" pretrain_gpt.py \
+    --config examples/gpt_350m.yaml \
+    --data-path $DATA_PATH \
+    --tokenizer-model "$TOKENIZER" \
+    --train-iters "$TRAIN_ITERS" \
+    --global-batch-size "$GLOBAL_BATCH" \
+    --micro-batch-size "$MICRO_BATCH" \
+    --save "$SAVE" --load "$SAVE" \
+    --tensorboard-dir "$SAVE/tensorboard" \
+    "$@"
