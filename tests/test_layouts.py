@@ -46,10 +46,13 @@ ARGS = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16
         "--eval-interval 0 --eval-iters 1 --device cpu").split()
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 1, 4), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
-# (tp, pp, dp, precision, extra flags); dp > 1 uses the distributed optimizer, plus plain-DP variants.
+# (tp, pp, dp, precision, extra flags); dp > 1 uses the distributed optimizer, plus plain-DP and
+# sequence-parallel variants.
 RUNS = ([(tp, pp, dp, prec, ["--use-distributed-optimizer"] if dp > 1 else [])
          for prec in ("fp32", "bf16-sr") for tp, pp, dp in LAYOUTS]
-        + [(1, 1, 2, "fp32", []), (2, 2, 2, "fp32", [])])
+        + [(1, 1, 2, "fp32", []), (2, 2, 2, "fp32", []),
+           (2, 1, 2, "fp32", ["--sequence-parallel", "--use-distributed-optimizer"]),
+           (2, 2, 2, "bf16-sr", ["--sequence-parallel", "--use-distributed-optimizer"])])
 
 
 def _digest(model_chunks) -> str:

@@ -1,5 +1,5 @@
 """The real command line: `torchrun --nproc-per-node 8 pretrain_gpt.py --tensor-model-parallel-size 2
---pipeline-model-parallel-size 2 --use-distributed-optimizer ...` on gloo (CPU)."""
+--pipeline-model-parallel-size 2 --use-distributed-optimizer --sequence-parallel ...` on gloo (CPU)."""
 
 import math
 import os
@@ -18,7 +18,7 @@ def test_torchrun_eight_ranks_tp2_pp2_dp2():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
            str(REPO / "pretrain_gpt.py"),
            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--use-distributed-optimizer",
+           "--use-distributed-optimizer", "--sequence-parallel",
            "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
            "--vocab-size", "128", "--make-vocab-size-divisible-by", "32", "--micro-batch-size", "1",
            "--global-batch-size", "8", "--train-iters", "2", "--mock-data", "--log-interval", "1",

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import Config, ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits, vocab_parallel_cross_entropy
+from ..parallel.random import checkpoint  # torch's, also replaying the tracked tp RNG
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for
 from .transformer import TransformerLayer, layer_norm
@@ -111,7 +111,7 @@ class GPTModel(nn.Module):
                 position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         for layer in self.decoder:
             if self.recompute and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, position_ids, use_reentrant=False)
+                h = checkpoint(layer, h, position_ids)
             else:
                 h = layer(h, position_ids)
         if not self.post_process:

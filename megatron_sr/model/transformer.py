@@ -7,6 +7,8 @@ dropout; attention is torch's scaled_dot_product_attention (flash / memory-effic
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,8 +16,18 @@ from torch import nn
 from ..config import ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
+from ..parallel.random import get_rng_tracker
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for, output_layer_std
+
+
+def tp_rng():
+    """The tracked tp stream when tensor-parallel (heads differ per rank); a no-op with tp = 1."""
+    return get_rng_tracker().fork() if ps.get_tensor_model_parallel_world_size() > 1 else contextlib.nullcontext()
+
+
+def sp_rng():
+    return get_rng_tracker().fork() if ps.get_sequence_parallel() else contextlib.nullcontext()
 
 
 def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm:
@@ -59,15 +71,17 @@ class SelfAttention(nn.Module):
                        if config.position_embedding_type == "rope" else None)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        b, s, _ = x.shape
         # Weight rows are ordered [q heads | k heads | v heads] of the full layer, so a tp slice of
         # dim 0 would mix them; we order them per head instead: [head0 q k v | head1 q k v | ...].
-        qkv = self.linear_qkv(x).view(b, s, self.num_heads, 3, self.head_dim)
+        qkv = self.linear_qkv(x)
+        b, s = qkv.shape[:2]  # the full sequence (x is a sequence shard under --sequence-parallel)
+        qkv = qkv.view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, d]
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=True)
+        with tp_rng():  # this rank's heads: its own dropout stream (parallel/random.py)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                 is_causal=True)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -108,5 +122,9 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         p = self.hidden_dropout if self.training else 0.0
         with cpu_bf16_matmul(x):  # inside the layer, so activation recomputation uses it too
-            x = x + F.dropout(self.self_attention(self.input_layernorm(x), position_ids), p)
-            return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)
+            attn = self.self_attention(self.input_layernorm(x), position_ids)
+            with sp_rng():  # a sequence shard under --sequence-parallel: its own dropout stream
+                x = x + F.dropout(attn, p)
+            mlp = self.mlp(self.pre_mlp_layernorm(x))
+            with sp_rng():
+                return x + F.dropout(mlp, p)

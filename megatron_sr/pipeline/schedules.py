@@ -106,6 +106,10 @@ def forward_backward_pipelining(*, forward_step: ForwardStep, data_iterator, mod
         with torch.set_grad_enabled(not forward_only):
             out = _forward(forward_step, data_iterator, model, input_tensor, num_microbatches, losses, events,
                            fwd_index)
+        if not ps.is_pipeline_last_stage() and (tuple(out.shape) != spec.tensor_shape or out.dtype != spec.dtype):
+            # The receiver allocates from the spec: a mismatch would corrupt or hang the transfer.
+            raise ValueError(f"pipeline stage {rank} produced {tuple(out.shape)} {out.dtype}, but stages exchange "
+                             f"{spec.tensor_shape} {spec.dtype} (tensor_shape/dtype of the schedule)")
         fwd_index += 1
         return out
 
