@@ -97,7 +97,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out.with_suffix(".json"))
-    base = next((r for r in results if r["mode"] == "bf16-mp" and r.get("compile") is False), None)
+    bases = {r["compile"]: r for r in results if r["mode"] == "bf16-mp" and "error" not in r}
     lines = ["| mode | compile | tokens/s | ms/iter | model TFLOP/s | MFU | peak mem (GiB) | vs bf16-mp mem | "
              "bytes/param (p+g+states) | optimizer |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -106,6 +106,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        base = bases.get(r["compile"])  # against bf16-mp run the same way (eager or compiled)
         ratio = (f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x"
                  if base and r["peak_memory_gib"] and base.get("peak_memory_gib") else "")
         bpp = r["bytes_per_param"]
