@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     out.with_name(out.name + ".tmp").write_text(text)
     os.replace(out.with_name(out.name + ".tmp"), out)
     print(text, end="")
+    ps.destroy_model_parallel()
     return 0 if ok else 1
 
 
