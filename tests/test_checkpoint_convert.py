@@ -112,4 +112,4 @@ def test_load_rejects_other_tensor_parallel_size(tmp_path):
     meta["tp"] = 2
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="convert_checkpoint"):
-        load_checkpoint(tmp_path, ddp, opt)
+        load_checkpoint(tmp_path, ddp, opt, reshard=False)

@@ -9,8 +9,8 @@
 
 model.pt = {"model": {name: tensor}, "params": {name: {"partition_dim", "shared_embedding_copy"}},
 "tp_rank", "pp_rank", "tp", "pp"}. Optimizer states are stored per named parameter piece
-(distributed_optimizer.state_dict), so a checkpoint loads at any dp size; changing tp or pp goes
-through tools/convert_checkpoint.py. Saving is atomic: all ranks write into iter_XXXXXXX.tmp, then
+(distributed_optimizer.state_dict), so a checkpoint loads at any dp size; at another tp or pp each
+rank reshards it on the fly (convert.py), or tools/convert_checkpoint.py converts it offline. Saving is atomic: all ranks write into iter_XXXXXXX.tmp, then
 rank 0 renames it and replaces the `latest` file, so a crash never leaves a half-written iteration.
 A shared filesystem is assumed across nodes.
 """
@@ -197,11 +197,20 @@ def load_into_per_param_optimizer(optimizer, states, source: str) -> None:
     optimizer.load_state_dict(target)
 
 
+def _load_optimizer(optimizer, states, source: str) -> None:
+    """States is an iterator of saved optimizer states (read one at a time)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_state_dicts(states)
+    else:
+        load_into_per_param_optimizer(optimizer, states, source)
+
+
 def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, iteration: int | None = None,
-                    load_optimizer: bool = True) -> tuple[int, dict, dict | None]:
+                    load_optimizer: bool = True, reshard: bool = True) -> tuple[int, dict, dict | None]:
     """Load into an already built model/optimizer. Returns (iteration, common, rank_state or None).
 
-    The tp and pp sizes must match the checkpoint's (convert it otherwise); the dp size may differ."""
+    Any dp size loads directly. A different tp/pp layout is resharded on the fly (reshard=True; each
+    rank reads the whole checkpoint) or refused (reshard=False: use tools/convert_checkpoint.py)."""
     root = Path(root)
     if iteration is None:
         iteration = read_latest_iteration(root)
@@ -210,24 +219,32 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
     directory = iteration_dir(root, iteration)
     meta = read_metadata(directory)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    if (meta["tp"], meta["pp"]) != (tp, pp):
-        raise ValueError(f"{directory}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
-                         "convert it with tools/convert_checkpoint.py")
     shard_dir = directory / my_mp_rank_dir()
-    load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
-                     str(shard_dir / "model.pt"))
-    if optimizer is not None and load_optimizer:
-        files = sorted(shard_dir.glob("optim_dp_*.pt"))
-        if not files:
-            raise FileNotFoundError(f"{shard_dir}: no optimizer state (optim_dp_*.pt)")
-        states = (torch.load(f, map_location="cpu", weights_only=False) for f in files)  # one at a time
-        if isinstance(optimizer, DistributedOptimizer):
-            optimizer.load_state_dicts(states)
-        else:
-            load_into_per_param_optimizer(optimizer, states, str(shard_dir))
+    if (meta["tp"], meta["pp"]) != (tp, pp):
+        if not reshard:
+            raise ValueError(f"{directory}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
+                             "convert it with tools/convert_checkpoint.py")
+        # Another tp/pp layout: every rank reads the whole checkpoint and cuts out its part (memory: one
+        # full model + states per rank; for large models convert offline with tools/convert_checkpoint.py).
+        from .convert import resharded_for_rank
+
+        shard, optim = resharded_for_rank(directory, tp, pp, ps.get_tensor_model_parallel_rank(),
+                                          ps.get_pipeline_model_parallel_rank())
+        load_model_shard(model, shard, f"{directory} (resharded from tp={meta['tp']} pp={meta['pp']})")
+        if optimizer is not None and load_optimizer and optim is not None:
+            _load_optimizer(optimizer, iter([optim]), str(directory))
+    else:
+        load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
+                         str(shard_dir / "model.pt"))
+        if optimizer is not None and load_optimizer:
+            files = sorted(shard_dir.glob("optim_dp_*.pt"))
+            if not files:
+                raise FileNotFoundError(f"{shard_dir}: no optimizer state (optim_dp_*.pt)")
+            _load_optimizer(optimizer, (torch.load(f, map_location="cpu", weights_only=False) for f in files),
+                            str(shard_dir))
     rank_file = shard_dir / f"rank_dp_{ps.get_data_parallel_rank():03d}.pt"
     rank_state = None
-    if meta["dp"] == ps.get_data_parallel_world_size() and rank_file.exists():
+    if (meta["tp"], meta["pp"], meta["dp"]) == (tp, pp, ps.get_data_parallel_world_size()) and rank_file.exists():
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     common = torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
     return iteration, common, rank_state

@@ -183,6 +183,30 @@ def _tp_slice(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
     return t.chunk(tp, dim=dim)[rank].clone()
 
 
+def rank_shard(full: FullModel, names: list[tuple[str, str]], tp: int, t: int) -> tuple[dict, dict | None]:
+    """(model.pt payload, optimizer state or None) of tp rank t of a stage holding `names`."""
+    model, params, pieces, flats, offset = {}, {}, [], {k: [] for k in STATE_KEYS}, 0
+    for gname, local in names:
+        source = full.ties.get(gname, gname)
+        dim = full.partition_dim[gname]
+        model[local] = _tp_slice(full.tensors[source], dim, tp, t)
+        params[local] = {"partition_dim": dim, "shared_embedding_copy": gname in full.ties}
+        state = full.optimizer.get(source)
+        if state is None:
+            continue
+        n = model[local].numel()
+        pieces.append({"name": local, "offset": 0, "numel": n, "state_offset": offset})
+        offset += n
+        for k in STATE_KEYS:
+            flats[k].append(_tp_slice(state[k], dim, tp, t).reshape(-1) if k in state else None)
+    shard = {"model": model, "params": params, "tp_rank": t, "tp": tp}
+    if not full.optimizer:
+        return shard, None
+    cat = {k: (torch.cat(v) if v and all(x is not None for x in v) else None) for k, v in flats.items()}
+    return shard, {"format": STATE_FORMAT, "step": full.step, "lr": full.lr, "pieces": pieces,
+                   "exp_avg": cat["exp_avg"], "exp_avg_sq": cat["exp_avg_sq"], "master": cat["master"]}
+
+
 def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp: int = 1,
                      distributed_optimizer: bool = True) -> Path:
     """Write `full` as a checkpoint for layout (tp, pp, dp) under root (atomic: temp dir, then rename)."""
@@ -196,27 +220,10 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
         for t in range(tp):
             shard_dir = tmp / mp_rank_dir(t, p, pp)
             shard_dir.mkdir()
-            model, params, pieces, flats, offset = {}, {}, [], {k: [] for k in STATE_KEYS}, 0
-            for gname, local in names:
-                source = full.ties.get(gname, gname)
-                dim = full.partition_dim[gname]
-                model[local] = _tp_slice(full.tensors[source], dim, tp, t)
-                params[local] = {"partition_dim": dim, "shared_embedding_copy": gname in full.ties}
-                state = full.optimizer.get(source)
-                if state is None:
-                    continue
-                n = model[local].numel()
-                pieces.append({"name": local, "offset": 0, "numel": n, "state_offset": offset})
-                offset += n
-                for k in STATE_KEYS:
-                    flats[k].append(_tp_slice(state[k], dim, tp, t).reshape(-1) if k in state else None)
-            atomic_torch_save({"model": model, "params": params, "tp_rank": t, "pp_rank": p, "tp": tp, "pp": pp},
-                              shard_dir / "model.pt")
-            if full.optimizer:
-                cat = {k: (torch.cat(v) if v and all(x is not None for x in v) else None) for k, v in flats.items()}
-                atomic_torch_save({"format": STATE_FORMAT, "step": full.step, "lr": full.lr, "pieces": pieces,
-                                   "exp_avg": cat["exp_avg"], "exp_avg_sq": cat["exp_avg_sq"],
-                                   "master": cat["master"]}, shard_dir / "optim_dp_000.pt")
+            shard, optim = rank_shard(full, names, tp, t)
+            atomic_torch_save(dict(shard, pp_rank=p, pp=pp), shard_dir / "model.pt")
+            if optim is not None:
+                atomic_torch_save(optim, shard_dir / "optim_dp_000.pt")
     meta = {"format": FORMAT, "iteration": full.iteration, "tp": tp, "pp": pp, "dp": dp,
             "distributed_optimizer": distributed_optimizer}
     atomic_write_text(json.dumps(meta, indent=1), tmp / "metadata.json")
@@ -224,6 +231,18 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
     tmp.rename(final)
     atomic_write_text(f"{full.iteration}\n", root / LATEST)
     return final
+
+
+def resharded_for_rank(directory: Path, tp: int, pp: int, tp_rank: int, pp_rank: int) -> tuple[dict, dict | None]:
+    """Read a checkpoint of any layout whole and cut out (model shard, optimizer state) of one rank of
+    layout (tp, pp), vocabulary padding recomputed for tp: what loading at another layout needs."""
+    full = read_full_checkpoint(directory)
+    padded = padded_vocab_for(full.common, tp)
+    if padded is not None:
+        repad_vocab(full, padded)
+    names = split_stage_names(full, pp)[pp_rank]
+    shard, optim = rank_shard(full, names, tp, tp_rank)
+    return dict(shard, pp_rank=pp_rank, pp=pp), optim
 
 
 def export_tensors(full: FullModel) -> dict[str, torch.Tensor]:
