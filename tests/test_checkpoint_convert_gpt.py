@@ -1,6 +1,6 @@
 """Conversion on the real GPT model: a checkpoint written by (tp 2, pp 2, dp 2) ranks merges into exactly
 the one-process model (the init does not depend on the layout) and re-splits into what (tp 2, pp 1)
-ranks build, tied-embedding copy included."""
+ranks build; a (1, 1) checkpoint loads at pp 2 with the tied-embedding copy re-created."""
 
 import pytest
 import torch
@@ -70,3 +70,7 @@ def test_gpt_checkpoint_tp2_pp2_dp2_merges_to_the_one_process_model_and_resplits
     spec.loader.exec_module(tool)
     assert tool.main(["--load", str(tmp_path / "a"), "--save", str(tmp_path / "b"), *_TOOL_ARGS]) == 0
     assert run_ranks(4, _load_and_compare, str(tmp_path / "b"), 2, 1) == [True] * 4
+    # a one-stage checkpoint loads into two stages (resharded by the loader; the tied copy is re-created)
+    assert tool.main(["--load", str(tmp_path / "a"), "--save", str(tmp_path / "c"),
+                      "--target-tensor-parallel-size", "1", "--target-pipeline-model-parallel-size", "1"]) == 0
+    assert run_ranks(2, _load_and_compare, str(tmp_path / "c"), 1, 2) == [True] * 2

@@ -228,8 +228,9 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
         # full model + states per rank; for large models convert offline with tools/convert_checkpoint.py).
         from .convert import resharded_for_rank
 
+        copies = [n for n, p in _unwrap(model).named_parameters() if getattr(p, "shared_embedding_copy", False)]
         shard, optim = resharded_for_rank(directory, tp, pp, ps.get_tensor_model_parallel_rank(),
-                                          ps.get_pipeline_model_parallel_rank())
+                                          ps.get_pipeline_model_parallel_rank(), copies)
         load_model_shard(model, shard, f"{directory} (resharded from tp={meta['tp']} pp={meta['pp']})")
         if optimizer is not None and load_optimizer and optim is not None:
             _load_optimizer(optimizer, iter([optim]), str(directory))

@@ -233,10 +233,19 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
     return final
 
 
-def resharded_for_rank(directory: Path, tp: int, pp: int, tp_rank: int, pp_rank: int) -> tuple[dict, dict | None]:
+def resharded_for_rank(directory: Path, tp: int, pp: int, tp_rank: int, pp_rank: int,
+                       tied_copies: list[str] = ()) -> tuple[dict, dict | None]:
     """Read a checkpoint of any layout whole and cut out (model shard, optimizer state) of one rank of
-    layout (tp, pp), vocabulary padding recomputed for tp: what loading at another layout needs."""
+    layout (tp, pp), vocabulary padding recomputed for tp: what loading at another layout needs.
+    `tied_copies`: this rank's tied-embedding copies (a pp = 1 checkpoint has none to split)."""
     full = read_full_checkpoint(directory)
+    for name in tied_copies:
+        if name not in full.ties:
+            sources = [n for n in full.tensors if n.endswith("word_embeddings.weight")]
+            if len(sources) != 1:
+                raise ValueError(f"{directory}: cannot tell which parameter the tied copy {name} copies")
+            full.ties[name], full.section[name] = sources[0], "post"
+            full.partition_dim[name] = full.partition_dim[sources[0]]
     padded = padded_vocab_for(full.common, tp)
     if padded is not None:
         repad_vocab(full, padded)
