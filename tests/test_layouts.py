@@ -22,8 +22,8 @@ below noise_loss with high probability, and below 4 x noise_loss (about 11 sigma
 Bound: 4 x noise (loss and grad norm), with a floor of 1e-4 for the loss so an unusually close seed
 pair cannot make the bound meaningless. Measured when this was written: with 6 SR seeds the per-step
 sigma of the loss was 1e-5 .. 3.3e-5 and the grad-norm spread 0.1% .. 0.6%; the test's seed pair gives
-noise_loss = 5.5e-5 and noise_norm = 3.4e-3 (bounds 2.2e-4 and 1.4e-2); the bf16-sr layouts deviated by
-1.8e-5 .. 5.2e-5 (loss) and 1.0e-3 .. 3.5e-3 (grad norm), the fp32 ones by at most 2e-7.
+noise_loss = 6.1e-5 and noise_norm = 2.7e-3 (bounds 2.4e-4 and 1.1e-2); the bf16-sr layouts deviated by
+1.7e-5 .. 6.0e-5 (loss) and 1.4e-3 .. 3.0e-3 (grad norm), the fp32 ones by at most 2e-7 (loss and norm).
 
 In every mode, parameters are bitwise identical across data-parallel replicas after 10 steps. A
 (2, 2, 2) bf16-sr run stopped at iteration 5 with a sharded checkpoint and resumed from it continues

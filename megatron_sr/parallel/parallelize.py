@@ -94,7 +94,7 @@ def activation_shape(cfg) -> tuple[int, int, int]:
     return (cfg.training.micro_batch_size, seq, cfg.model.hidden_size)
 
 
-def _reduce_losses(stats: list[dict], num_microbatches: int, device) -> list[dict]:
+def _reduce_losses(stats: list[dict], num_microbatches: int, tokens: int, device) -> list[dict]:
     """Per-micro-batch losses averaged over dp, from the last stage to all stages (for logging)."""
     losses = torch.zeros(num_microbatches, dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage() and stats:
@@ -105,7 +105,6 @@ def _reduce_losses(stats: list[dict], num_microbatches: int, device) -> list[dic
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(losses, src=ps.get_pipeline_model_parallel_global_ranks()[-1],
                        group=ps.get_pipeline_model_parallel_group())
-    tokens = stats[0]["num_tokens"] if stats else 0
     return [{"lm loss": loss, "num_tokens": tokens} for loss in losses]
 
 
@@ -135,7 +134,8 @@ def make_forward_backward_func(cfg, parallel: ParallelModel, get_batch: Callable
         schedule(forward_step=forward_step, data_iterator=data_iterator, model=model,
                  num_microbatches=num_microbatches, tensor_shape=activation_shape(cfg), dtype=dtype, device=device,
                  forward_only=forward_only, no_sync=None if forward_only else ddp.no_sync)
-        return _reduce_losses(stats, num_microbatches, device)
+        tokens = cfg.training.micro_batch_size * cfg.model.seq_length  # per micro-batch and dp rank
+        return _reduce_losses(stats, num_microbatches, tokens, device)
 
     return forward_backward
 
