@@ -3,6 +3,7 @@
 
     python3 tools/quickstart.py                      # Tiny Shakespeare if ../shared/data has it, else own corpus
     python3 tools/quickstart.py --input my_texts/    # your text files, directories or JSONL
+    python3 tools/quickstart.py --train-iters 1000 --hidden-size 256   # other flags go to pretrain_gpt.py
 
 Steps: install requirements.txt if a package is missing; build a corpus (yours, the shared Tiny
 Shakespeare, or a synthetic one the project writes itself: nothing is downloaded); train a
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16-sr", choices=("bf16-sr", "bf16-mp", "bf16", "fp32"))
     p.add_argument("--no-install", action="store_true", help="do not pip install missing requirements")
     p.add_argument("--prompt", default=None, help="prompt for the sample at the end")
-    args = p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=int, default=60, help="length of the sample at the end")
+    args, extra = p.parse_known_args(argv)  # anything else goes to pretrain_gpt.py (e.g. --hidden-size 64)
 
     if not args.no_install:
         install_if_missing()
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
          "--data-path", str(work / "corpus_text_document"), "--tokenizer-model", f"{tok}.model",
          "--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 20)),
          "--log-interval", str(max(1, iters // 12)), "--eval-interval", str(max(1, iters // 3)),
-         "--precision", args.precision, "--save", str(ckpt)])
-    run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt, "--max-new-tokens", "60"])
+         "--precision", args.precision, "--save", str(ckpt), *extra])
+    run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(args.max_new_tokens)])
     print(f"\ncheckpoint: {ckpt}\nsample again: python3 tools/generate.py --load {ckpt} --prompt \"{prompt}\"")
     return 0
 
