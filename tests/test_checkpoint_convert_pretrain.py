@@ -51,3 +51,16 @@ def test_saved_at_tp2_pp2_dp2_continues_at_111_and_212(tmp_path):
     for resumed in (resumed_one, resumed_two):
         assert len(resumed) == 3
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_continues_at_221(tmp_path):
+    """The single-process trainer's own checkpoint file loads under torchrun at (2, 2, 1): the loader takes
+    the partition dims from the model it loads into and re-creates the tied-embedding copy."""
+    saved = tmp_path / "single"
+    full = _pretrain(ARGS + _layout(1, 1) + ["--save", str(saved), "--save-interval", "3"])
+    assert (saved / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    (saved / "latest_checkpointed_iteration.txt").write_text("3\n")
+    resumed = run_ranks(4, _pretrain, ARGS + _layout(2, 2) + ["--load", str(saved)])[0]
+    assert len(resumed) == 3
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=1e-5, atol=0)

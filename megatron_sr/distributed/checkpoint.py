@@ -140,8 +140,14 @@ def read_latest_iteration(root: str | Path) -> int | None:
     return int(text)
 
 
+SINGLE_FILE = "mp_rank_00/model_optim_rng.pt"  # the single-process trainer's file (training/checkpointing.py)
+
+
 def read_metadata(directory: Path) -> dict:
     path = directory / "metadata.json"
+    if not path.exists() and (directory / SINGLE_FILE).exists():  # saved by a one-process run
+        return {"format": FORMAT, "iteration": int(directory.name.split("_")[-1]), "tp": 1, "pp": 1, "dp": 1,
+                "distributed_optimizer": False, "single_process": True}
     if not path.exists():
         raise FileNotFoundError(f"{directory}: not a megatron-sr checkpoint (no metadata.json)")
     meta = json.loads(path.read_text())
@@ -220,21 +226,24 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
     meta = read_metadata(directory)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     shard_dir = directory / my_mp_rank_dir()
-    if (meta["tp"], meta["pp"]) != (tp, pp):
-        if not reshard:
+    if meta.get("single_process") or (meta["tp"], meta["pp"]) != (tp, pp):
+        if not reshard and not meta.get("single_process"):
             raise ValueError(f"{directory}: saved with tp={meta['tp']} pp={meta['pp']}, running tp={tp} pp={pp}; "
                              "convert it with tools/convert_checkpoint.py")
         # Another tp/pp layout: every rank reads the whole checkpoint and cuts out its part (memory: one
         # full model + states per rank; for large models convert offline with tools/convert_checkpoint.py).
         from .convert import resharded_for_rank
 
-        copies = [n for n, p in _unwrap(model).named_parameters() if getattr(p, "shared_embedding_copy", False)]
-        shard, optim = resharded_for_rank(directory, tp, pp, ps.get_tensor_model_parallel_rank(),
-                                          ps.get_pipeline_model_parallel_rank(), copies)
+        named = list(_unwrap(model).named_parameters())
+        copies = [n for n, p in named if getattr(p, "shared_embedding_copy", False)]
+        dims = {n: int(getattr(p, "partition_dim", -1)) for n, p in named}  # for a one-process checkpoint
+        shard, optim, common = resharded_for_rank(directory, tp, pp, ps.get_tensor_model_parallel_rank(),
+                                          ps.get_pipeline_model_parallel_rank(), copies, dims)
         load_model_shard(model, shard, f"{directory} (resharded from tp={meta['tp']} pp={meta['pp']})")
         if optimizer is not None and load_optimizer and optim is not None:
             _load_optimizer(optimizer, iter([optim]), str(directory))
     else:
+        common = torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
         load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
                          str(shard_dir / "model.pt"))
         if optimizer is not None and load_optimizer:
@@ -247,5 +256,4 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
     rank_state = None
     if (meta["tp"], meta["pp"], meta["dp"]) == (tp, pp, ps.get_data_parallel_world_size()) and rank_file.exists():
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    common = torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
     return iteration, common, rank_state

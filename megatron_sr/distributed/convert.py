@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, LATEST, atomic_torch_save, atomic_write_text, iteration_dir, mp_rank_dir, read_metadata
+from .checkpoint import (FORMAT, LATEST, SINGLE_FILE, atomic_torch_save, atomic_write_text, iteration_dir, mp_rank_dir,
+                         read_metadata)
 from .distributed_optimizer import STATE_FORMAT, merge_state_dicts
 
 # transformer layers: a ModuleList named `decoder` (megatron_sr/model/gpt.py) or `layers` (Megatron)
 LAYER = re.compile(r"^(.*?\b(?:decoder|layers)\.)(\d+)(\..*)$")
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
+SINGLE_FORMAT = "megatron_sr.single/1"
 
 
 @dataclass
@@ -44,6 +46,7 @@ class FullModel:
     common: dict = field(default_factory=dict)
     iteration: int = 0
     layer_numbering: str = "local"
+    partition_known: bool = True  # False: read from a one-process checkpoint without partition dims
 
     @property
     def num_layers(self) -> int:
@@ -52,7 +55,7 @@ class FullModel:
 
 def resolve_iteration_dir(path: str | Path) -> Path:
     path = Path(path)
-    if (path / "metadata.json").exists():
+    if (path / "metadata.json").exists() or (path / SINGLE_FILE).exists():
         return path
     latest = path / LATEST
     if not latest.exists():
@@ -90,9 +93,43 @@ def _merge_tp(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim) if dim >= 0 and len(parts) > 1 else parts[0]
 
 
-def read_full_checkpoint(path: str | Path) -> FullModel:
+def _pattern(name: str) -> str:
+    m = LAYER.match(name)
+    return f"{m.group(1)}*{m.group(3)}" if m else name
+
+
+def read_single_process_checkpoint(directory: Path, partition_dims: dict[str, int] | None) -> FullModel:
+    """The one-process trainer's file (model, SRAdamW state, config) as a FullModel. It stores no
+    partition dims: they come from `partition_dims` (names of a model of any stage; layer numbers
+    ignored), else they stay unknown and only tp = 1 targets are possible."""
+    path = directory / SINGLE_FILE
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != SINGLE_FORMAT or "model" not in payload:
+        raise ValueError(f"{path}: expected a one-chunk {SINGLE_FORMAT} checkpoint")
+    dims = {_pattern(n): d for n, d in (partition_dims or {}).items()}
+    full = FullModel({}, {}, {}, iteration=payload["iteration"], partition_known=partition_dims is not None,
+                     common={"consumed_train_samples": payload.get("consumed_train_samples", 0),
+                             "skipped_iters": payload.get("skipped_iters", 0), "config": payload.get("config")})
+    seen_layer = False
+    for name, tensor in payload["model"].items():
+        seen_layer |= bool(LAYER.match(name))
+        full.tensors[name] = tensor
+        # vocabulary-parallel weights always split dim 0; other stages' names need no dim on this rank
+        full.partition_dim[name] = dims.get(_pattern(name), 0 if name.endswith(VOCAB_NAMES) else -1)
+        full.section[name] = "layer" if LAYER.match(name) else ("post" if seen_layer else "pre")
+    opt = payload.get("optimizer") or {}
+    if "names" in opt:
+        full.step, full.lr = int(opt["step"]), float(opt["lr"])
+        for i, name in enumerate(opt["names"]):
+            full.optimizer[name] = {k: opt[k][i] for k in STATE_KEYS if opt.get(k) is not None}
+    return full
+
+
+def read_full_checkpoint(path: str | Path, partition_dims: dict[str, int] | None = None) -> FullModel:
     directory = resolve_iteration_dir(path)
     meta = read_metadata(directory)
+    if meta.get("single_process"):
+        return read_single_process_checkpoint(directory, partition_dims)
     tp, pp = meta["tp"], meta["pp"]
     stages = []
     for p in range(pp):
@@ -185,6 +222,9 @@ def _tp_slice(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
 
 def rank_shard(full: FullModel, names: list[tuple[str, str]], tp: int, t: int) -> tuple[dict, dict | None]:
     """(model.pt payload, optimizer state or None) of tp rank t of a stage holding `names`."""
+    if tp > 1 and not full.partition_known:
+        raise ValueError("this one-process checkpoint stores no tensor-parallel partition dims: load it under "
+                         "torchrun at the target layout (the loader reshards it), or convert to tp 1")
     model, params, pieces, flats, offset = {}, {}, [], {k: [] for k in STATE_KEYS}, 0
     for gname, local in names:
         source = full.ties.get(gname, gname)
@@ -234,11 +274,14 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
 
 
 def resharded_for_rank(directory: Path, tp: int, pp: int, tp_rank: int, pp_rank: int,
-                       tied_copies: list[str] = ()) -> tuple[dict, dict | None]:
+                       tied_copies: list[str] = (), partition_dims: dict[str, int] | None = None
+                       ) -> tuple[dict, dict | None, dict]:
     """Read a checkpoint of any layout whole and cut out (model shard, optimizer state) of one rank of
-    layout (tp, pp), vocabulary padding recomputed for tp: what loading at another layout needs.
-    `tied_copies`: this rank's tied-embedding copies (a pp = 1 checkpoint has none to split)."""
-    full = read_full_checkpoint(directory)
+    layout (tp, pp), vocabulary padding recomputed for tp, plus the checkpoint's common state: what
+    loading at another layout needs.
+    `tied_copies`: this rank's tied-embedding copies (a pp = 1 checkpoint has none to split);
+    `partition_dims`: this rank's parameters' partition dims (a one-process checkpoint does not store them)."""
+    full = read_full_checkpoint(directory, partition_dims)
     for name in tied_copies:
         if name not in full.ties:
             sources = [n for n in full.tensors if n.endswith("word_embeddings.weight")]
@@ -251,7 +294,7 @@ def resharded_for_rank(directory: Path, tp: int, pp: int, tp_rank: int, pp_rank:
         repad_vocab(full, padded)
     names = split_stage_names(full, pp)[pp_rank]
     shard, optim = rank_shard(full, names, tp, tp_rank)
-    return dict(shard, pp_rank=pp_rank, pp=pp), optim
+    return dict(shard, pp_rank=pp_rank, pp=pp), optim, full.common
 
 
 def export_tensors(full: FullModel) -> dict[str, torch.Tensor]:
