@@ -15,6 +15,7 @@ def test_defaults_without_init_are_single_rank():
     assert ps.get_tensor_model_parallel_rank() == ps.get_data_parallel_rank() == 0
     assert ps.is_pipeline_first_stage() and ps.is_pipeline_last_stage()
     assert ps.get_data_parallel_group() is None and ps.get_tensor_model_parallel_group() is None
+    assert ps.any_rank(True) and not ps.any_rank(False)
 
 
 def test_layout_ranks_tp_fastest_then_dp_then_pp():
@@ -58,6 +59,7 @@ def _layout_body(tp: int, pp: int) -> dict:
     }
     if ps.is_rank_in_embedding_group():
         out["sum_emb"] = _sum_over(ps.get_embedding_group())
+    out["any"] = (ps.any_rank(dist.get_rank() == 5), ps.any_rank(False))
     ps.destroy_model_parallel()
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_data_parallel_group() is None
     return out
@@ -80,3 +82,4 @@ def test_groups_on_eight_gloo_ranks():
         assert res["sum_emb"] == sum(group_of("embedding", rank))
         assert res["next"] == res["prev"] == (rank + 4) % 8
         assert res["embedding"] == group_of("embedding", rank)
+        assert res["any"] == (True, False)

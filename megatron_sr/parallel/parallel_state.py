@@ -247,6 +247,20 @@ def is_rank_in_embedding_group() -> bool:
     return is_pipeline_first_stage() or is_pipeline_last_stage()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (a MAX all-reduce over the whole world).
+
+    For decisions that must be collective, such as stopping on SIGTERM or after --exit-duration-in-mins:
+    if one rank left the loop while the others entered the next iteration's collectives, they would hang.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def is_pipeline_first_stage() -> bool:
     return _PP_RANK == 0
 
