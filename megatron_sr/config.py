@@ -79,6 +79,7 @@ class TrainingConfig:
     load: str | None = _opt(None, "checkpoint directory to resume from")
     save_interval: int | None = _opt(None, "iterations between checkpoints")
     exit_interval: int | None = _opt(None, "stop (with a checkpoint if --save) after this iteration")
+    exit_duration_in_mins: float | None = _opt(None, "stop (with a checkpoint if --save) after this many minutes")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
 
 

@@ -138,3 +138,11 @@ def test_pretrain_gpt_end_to_end_log_tensorboard_and_sigterm(tmp_path):
     assert (tmp_path / "ck" / f"iter_{stopped:07d}" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_exit_duration_saves_and_validates(tmp_path):
+    result = pretrain(parse_config(TINY + ["--micro-batch-size", "2", "--train-iters", "50", "--save", str(tmp_path),
+                                           "--exit-duration-in-mins", "1e-6"]))
+    assert result.reason == "exit-duration" and result.state.iteration == 1
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert result.valid_losses and result.valid_losses[-1][0] == 1

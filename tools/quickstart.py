@@ -7,8 +7,8 @@
 
 Steps: install requirements.txt if a package is missing; build a corpus (yours, the shared Tiny
 Shakespeare, or a synthetic one the project writes itself: nothing is downloaded); train a
-sentencepiece tokenizer and Megatron's .bin/.idx dataset; train a 4-layer GPT with bf16-sr for a
-few minutes on the CPU (or the GPU), printing the loss and validation perplexity; save a checkpoint;
+sentencepiece tokenizer and Megatron's .bin/.idx dataset; train a 4-layer GPT with bf16-sr for
+300 iterations or --minutes (default 4) on the CPU (or the GPU), whichever comes first, printing the loss and validation perplexity; save a checkpoint;
 sample from it with tools/generate.py.
 """
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(REPO / "quickstart"), help="where data and the checkpoint go")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--train-iters", type=int, default=300)
+    p.add_argument("--minutes", type=float, default=4.0, help="stop training after this long (checkpoint kept)")
     p.add_argument("--precision", default="bf16-sr", choices=("bf16-sr", "bf16-mp", "bf16", "fp32"))
     p.add_argument("--no-install", action="store_true", help="do not pip install missing requirements")
     p.add_argument("--prompt", default=None, help="prompt for the sample at the end")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
          "--data-path", str(work / "corpus_text_document"), "--tokenizer-model", f"{tok}.model",
          "--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 20)),
          "--log-interval", str(max(1, iters // 12)), "--eval-interval", str(max(1, iters // 3)),
-         "--precision", args.precision, "--save", str(ckpt), *extra])
+         "--precision", args.precision, "--save", str(ckpt), "--exit-duration-in-mins", str(args.minutes), *extra])
     run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(args.max_new_tokens)])
     print(f"\ncheckpoint: {ckpt}\nsample again: python3 tools/generate.py --load {ckpt} --prompt \"{prompt}\"")
     return 0

@@ -48,7 +48,7 @@ class LoopResult:
     state: TrainState
     train_losses: list[float]  # the loss of every iteration
     valid_losses: list[tuple[int, float]]  # (iteration, loss) of every validation
-    reason: str  # "done", "sigterm" or "exit-interval"
+    reason: str  # "done", "sigterm", "exit-interval" or "exit-duration"
 
 
 def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator, eval_iters: int,
@@ -92,7 +92,7 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
     reason = "done"
     for mc in model_chunks:
         mc.train()
-    timer = time.perf_counter()
+    timer = start = time.perf_counter()
     iters_in_window = 0
     try:
         while state.iteration < t.train_iters:
@@ -141,6 +141,8 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
                 stop = "sigterm"
             elif t.exit_interval and state.iteration % t.exit_interval == 0:
                 stop = "exit-interval"
+            elif t.exit_duration_in_mins and time.perf_counter() - start > 60 * t.exit_duration_in_mins:
+                stop = "exit-duration"
             if stop or (t.save_interval and state.iteration % t.save_interval == 0):
                 save_fn(state)
                 timer = time.perf_counter()

@@ -156,14 +156,15 @@ def pretrain(cfg: Config) -> LoopResult:
         fb = choose_forward_backward_func(cfg)
         save_fn = make_save_fn(cfg, model_chunks, optimizer)
     result = train(cfg, model_chunks, optimizer, scheduler, fb, train_it, valid_it, state, save_fn, writer)
-    if result.reason == "done":
-        t = cfg.training
+    t = cfg.training
+    if result.reason in ("done", "exit-duration"):
         if valid_it is not None and (not result.valid_losses or result.valid_losses[-1][0] != state.iteration):
             num_mb = t.global_batch_size // (t.micro_batch_size * cfg.parallel.data_parallel_size)
             vloss = evaluate(model_chunks, fb, valid_it, t.eval_iters, num_mb)
             result.valid_losses.append((state.iteration, vloss))
             _log_validation("validation", state.iteration, vloss, writer)
-        if save_fn is not None and not (t.save_interval and state.iteration % t.save_interval == 0):
+        if result.reason == "done" and save_fn is not None and not (
+                t.save_interval and state.iteration % t.save_interval == 0):
             save_fn(state)
     if writer is not None:
         writer.close()
