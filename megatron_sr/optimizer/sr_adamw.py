@@ -67,6 +67,7 @@ class SRAdamW:
         self.exp_avg_sq = [torch.zeros_like(p, dtype=state) for p in self.params]
         self.master = ([p.detach().float().clone() for p in self.params] if precision == "bf16-mp" else None)
         self.main_grads = None
+        self._unused_grads: dict[int, torch.Tensor] = {}
         if precision == "bf16-mp" or (precision in ("bf16-sr", "bf16") and grad_dtype == "fp32"):
             self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             for p, buf in zip(self.params, self.main_grads):
@@ -82,8 +83,11 @@ class SRAdamW:
         return list(self.main_grads) if self.main_grads is not None else [p.grad for p in self.params]
 
     def zero_grad(self) -> None:
+        # Zero in place rather than dropping .grad: the gradient tensors then keep their storage from
+        # step to step, so the fused kernel's cached launch plan (keyed by pointers) is reused.
         for p in self.params:
-            p.grad = None
+            if p.grad is not None:
+                p.grad.zero_()
         if self.main_grads is not None:
             for g in self.main_grads:
                 g.zero_()
@@ -109,8 +113,8 @@ class SRAdamW:
         scalars = step_scalars(self.lr, self.step_count, self.beta1, self.beta2, device)
         groups: dict[object, list[AdamWChunk]] = defaultdict(list)
         for i, (p, g) in enumerate(zip(self.params, grads)):
-            if g is None:  # a parameter that took no part in the loss
-                g = torch.zeros_like(p)
+            if g is None:  # a parameter that took no part in the loss: one persistent zero gradient
+                g = self._unused_grads.setdefault(i, torch.zeros_like(p))
             target = self.master[i] if self.master is not None else p.data
             wd = self.weight_decay if p.dim() > 1 else 0.0  # no decay on biases and norm weights
             groups[sr_key_for(p, self.seed)].append(AdamWChunk(
