@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..parallel.parallel_state import any_rank
 from .checkpointing import TrainState, save_checkpoint
 from .schedules import average_losses
 from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops
@@ -136,12 +137,14 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
                 valid_losses.append((state.iteration, vloss))
                 _log_validation("validation", state.iteration, vloss, writer)
                 timer = time.perf_counter()
+            # Stop decisions are collective (any_rank): a rank that left the loop alone would leave the
+            # others waiting in the next iteration's collectives. The interval test is the same everywhere.
             stop = None
-            if sigterm.received:
+            if any_rank(sigterm.received):
                 stop = "sigterm"
             elif t.exit_interval and state.iteration % t.exit_interval == 0:
                 stop = "exit-interval"
-            elif t.exit_duration_in_mins and time.perf_counter() - start > 60 * t.exit_duration_in_mins:
+            elif t.exit_duration_in_mins and any_rank(time.perf_counter() - start > 60 * t.exit_duration_in_mins):
                 stop = "exit-duration"
             if stop or (t.save_interval and state.iteration % t.save_interval == 0):
                 save_fn(state)
