@@ -30,3 +30,18 @@ def test_quickstart_trains_saves_and_samples(tmp_path):
     bad = subprocess.run([sys.executable, "tools/generate.py", "--load", str(tmp_path / "nothing")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
+
+    # The single-file export of that checkpoint (convert_checkpoint.py --export) samples the same text.
+    export = tmp_path / "gpt.pt"
+    conv = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(tmp_path / "checkpoint"),
+                           "--export", str(export)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0 and export.is_file(), conv.stdout[-2000:] + conv.stderr[-2000:]
+    cmd[cmd.index("--load") + 1] = str(export)
+    from_export = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert from_export.returncode == 0, from_export.stderr[-2000:]
+    assert from_export.stdout == runs[0].stdout
+    not_export = tmp_path / "other.pt"
+    __import__("torch").save({"model": {}}, not_export)
+    bad = subprocess.run([sys.executable, "tools/generate.py", "--load", str(not_export)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a model exported by convert_checkpoint.py" in bad.stderr

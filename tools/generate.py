@@ -2,6 +2,7 @@
 """Sample text from a megatron-sr checkpoint.
 
     python3 tools/generate.py --load ckpt --prompt "ROMEO:" --max-new-tokens 200
+    python3 tools/generate.py --load gpt.pt --prompt "ROMEO:"   # a file from convert_checkpoint.py --export
 The model size and tokenizer come from the checkpoint's saved config (--tokenizer-model overrides).
 """
 
@@ -20,19 +21,43 @@ from megatron_sr.model import GPTModel  # noqa: E402
 from megatron_sr.training.checkpointing import checkpoint_file, read_latest_iteration  # noqa: E402
 
 
-def load_model(load_dir: str, device: torch.device) -> tuple[GPTModel, Config, int]:
-    iteration = read_latest_iteration(load_dir)
+EXPORT_FORMAT = "megatron_sr.export/1"  # written by tools/convert_checkpoint.py --export (docs/distributed.md)
+
+
+def read_payload(load: str) -> dict:
+    """{"model", "config", "iteration"} from a checkpoint directory or an exported single-file model."""
+    path = Path(load)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            import json
+
+            from safetensors import safe_open  # present whenever such a file was written
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                payload = {"model": {k: f.get_tensor(k) for k in f.keys()}, "format": meta.get("format"),
+                           "config": json.loads(meta.get("config", "null")), "iteration": int(meta.get("iteration", 0))}
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{load}: not a model exported by convert_checkpoint.py (format {EXPORT_FORMAT})")
+        if not payload.get("config"):
+            raise ValueError(f"{load}: the exported file holds no training config to build the model from")
+        return payload
+    iteration = read_latest_iteration(load)
     if iteration is None:
-        raise FileNotFoundError(f"{load_dir}: no latest_checkpointed_iteration.txt (not a checkpoint directory)")
-    path = checkpoint_file(Path(load_dir) / f"iter_{iteration:07d}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{load}: no latest_checkpointed_iteration.txt (not a checkpoint directory)")
+    return torch.load(checkpoint_file(path / f"iter_{iteration:07d}"), map_location="cpu", weights_only=False)
+
+
+def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
+    payload = read_payload(load)
     cfg = Config.from_dict(payload["config"])
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     model = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.float32)
     model.load_state_dict({k: v.float() for k, v in payload["model"].items()})
     # BF16 matmuls are slow on most CPUs; FP32 inference of BF16 weights gives the same function.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype).eval(), cfg, iteration
+    return model.to(device=device, dtype=dtype).eval(), cfg, int(payload.get("iteration", 0))
 
 
 @torch.no_grad()
@@ -59,7 +84,8 @@ def generate(model: GPTModel, ids: list[int], max_new_tokens: int, seq_length: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--load", required=True, help="checkpoint directory (as given to --save)")
+    parser.add_argument("--load", required=True,
+                        help="checkpoint directory (as given to --save) or an exported .pt/.safetensors model")
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--tokenizer-model", help="sentencepiece model (default: the one in the checkpoint's config)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
