@@ -20,9 +20,16 @@ def _pretrain(argv: list[str]) -> list[float]:
     import megatron_sr.training.pretrain as pretrain_mod
     from megatron_sr.config import parse_config
 
+    # Quiet the log for this run only: _pretrain also runs inside the pytest process, and a patch left in
+    # place would silence the log lines that later tests read.
+    saved, threads = (loop.log, pretrain_mod.log), torch.get_num_threads()
     loop.log = pretrain_mod.log = lambda message: None
     torch.set_num_threads(1)
-    return pretrain_mod.pretrain(parse_config(argv)).train_losses
+    try:
+        return pretrain_mod.pretrain(parse_config(argv)).train_losses
+    finally:
+        loop.log, pretrain_mod.log = saved
+        torch.set_num_threads(threads)
 
 
 def _layout(tp: int, pp: int) -> list[str]:
