@@ -29,6 +29,7 @@ from torch import nn
 
 from ..optimizer.adamw_reference import AdamWConstants, step_scalars
 from ..optimizer.dispatch import AdamWChunk, adamw_step_
+from ..optimizer.sr_adamw import StepResult  # one result type for both optimizers
 from ..parallel import parallel_state as ps
 from ..parallel.grad_norm import clip_grads_, global_grad_norm
 from ..parallel.sr_streams import sr_key_for
@@ -36,13 +37,6 @@ from .data_parallel import DistributedDataParallel
 
 STATE_FORMAT = "megatron_sr.distributed_optimizer/1"
 PRECISIONS = ("bf16-sr", "bf16", "bf16-mp", "fp32")
-
-
-@dataclass
-class StepResult:
-    updated: bool
-    grad_norm: float
-    skipped: bool
 
 
 @dataclass
