@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("bf16-sr", "bf16-mp", "bf16", "fp32")
+from .precision import PRECISIONS, precision_mode
 
 
 class ConfigError(ValueError):
@@ -122,7 +122,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         return cls(**{s.name: _SECTIONS[s.name](**d.get(s.name, {})) for s in dataclasses.fields(cls)})
 
 
@@ -275,7 +275,8 @@ def finalize(cfg: Config) -> Config:
         raise ConfigError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
     if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.lr_decay_iters:
         raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} must be in [0, --lr-decay-iters {o.lr_decay_iters}]")
-    if o.precision in ("bf16-mp", "fp32") and (o.grad_dtype != "bf16" or o.optimizer_state_dtype != "fp32"):
+    settable = precision_mode(o.precision).dtypes_settable
+    if not settable and (o.grad_dtype != "bf16" or o.optimizer_state_dtype != "fp32"):
         raise ConfigError(f"--grad-dtype/--optimizer-state-dtype apply to bf16-sr and bf16 only "
                           f"(--precision {o.precision} keeps FP32 grads and states)")
     if not d.mock_data and not d.data_path:

@@ -14,7 +14,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOOLS = REPO / "tools"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_tokenizer_model(vocab_size: int = 1000) -> str:
     """A BPE model trained on tiny Shakespeare (or built-in text when the corpora are absent)."""
     from megatron_sr.data.tokenizer_training import train_sentencepiece

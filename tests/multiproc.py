@@ -3,11 +3,11 @@
     from multiproc import run_ranks
     results = run_ranks(4, _body, arg1, arg2)   # results[r] is _body(arg1, arg2)'s value on rank r
 
-`fn` must be a module-level function (it is pickled into the children, which import its module). Each child sets the torchrun
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initialises a gloo process group
-and calls `fn(*args)`; a child that raises sends its traceback back and the parent raises it. A child
-that hangs (a mismatched collective) is killed after `timeout` seconds. Return values must be picklable;
-tensors are fine (send small, detached ones).
+`fn` must be a module-level function (it is pickled into the children, which import its module).
+Each child sets the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+initialises a gloo process group and calls `fn(*args)`; a child that raises sends its traceback back
+and the parent raises it. A child that hangs (a mismatched collective) is killed after `timeout`
+seconds. Return values must be picklable; tensors are fine (send small, detached ones).
 """
 
 from __future__ import annotations

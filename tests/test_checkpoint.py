@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_sr.checkpoint import single as checkpointing
 from megatron_sr.config import parse_config
-from megatron_sr.training import checkpointing
 from megatron_sr.training.pretrain import pretrain
 
 TINY = ("--mock-data --vocab-size 128 --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 32 "

@@ -9,10 +9,11 @@ import torch.distributed as dist
 from multiproc import run_ranks
 from torch import nn
 
-from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig
-from megatron_sr.distributed.checkpoint import load_checkpoint, read_latest_iteration, save_checkpoint
+from megatron_sr.checkpoint.sharded import load_checkpoint, read_latest_iteration, save_checkpoint
+from megatron_sr.config import OptimizerConfig
+from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.sr_streams import assign_sr_streams
 
 DIM_IN, HIDDEN, DIM_OUT, GLOBAL_BATCH = 10, 24, 5, 8
 
@@ -25,7 +26,8 @@ def _build(dtype, precision, distributed=True):
     grad_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=grad_dtype, use_distributed_optimizer=distributed,
                                                    bucket_size=100))
-    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=5e-3, weight_decay=0.1, precision=precision, clip_grad=1.0))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=5e-3, weight_decay=0.1, precision=precision, clip_grad=1.0),
+                               seed=1234)
     return ddp, opt
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from multiproc import run_ranks
 
+from megatron_sr.checkpoint.convert import read_full_checkpoint
+from megatron_sr.checkpoint.sharded import load_checkpoint, save_checkpoint
 from megatron_sr.config import Config, ModelConfig, finalize
-from megatron_sr.distributed.checkpoint import load_checkpoint, save_checkpoint
-from megatron_sr.distributed.convert import read_full_checkpoint
 from megatron_sr.distributed.factory import build_data_parallel
 from megatron_sr.model import build_model_chunks
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
 from megatron_sr.parallel import parallel_state as ps
 
 _TOOL_ARGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-model-parallel-size", "1"]
@@ -28,6 +29,7 @@ def _cfg(tp, pp):
 
 def _build(cfg):
     (model,) = build_model_chunks(cfg)
+    assign_sr_streams([model])
     return build_data_parallel(model, cfg.optimizer, seed=cfg.training.seed, use_distributed_optimizer=True)
 
 

@@ -16,19 +16,19 @@ ARGS = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16
 
 
 def _pretrain(argv: list[str]) -> list[float]:
-    import megatron_sr.training.loop as loop
-    import megatron_sr.training.pretrain as pretrain_mod
     from megatron_sr.config import parse_config
+    from megatron_sr.training.observer import Observer
+    from megatron_sr.training.pretrain import pretrain
 
-    # Quiet the log for this run only: _pretrain also runs inside the pytest process, and a patch left in
-    # place would silence the log lines that later tests read.
-    saved, threads = (loop.log, pretrain_mod.log), torch.get_num_threads()
-    loop.log = pretrain_mod.log = lambda message: None
+    class Quiet(Observer):
+        def log(self, message: str) -> None:
+            pass
+
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return pretrain_mod.pretrain(parse_config(argv)).train_losses
+        return pretrain(parse_config(argv), Quiet()).train_losses
     finally:
-        loop.log, pretrain_mod.log = saved
         torch.set_num_threads(threads)
 
 

@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import small_tokenizer_model, write_synthetic
-from megatron_sr.data import (IndexedDataset, SentencePieceTokenizer, build_gpt_datasets,
-                              build_pretraining_data_loader)
-from megatron_sr.data.builders import parse_data_path, parse_split, split_boundaries
+
+from megatron_sr.data import IndexedDataset, SentencePieceTokenizer, build_gpt_datasets, build_pretraining_data_loader
 from megatron_sr.data.blended import build_blending_indices
+from megatron_sr.data.builders import parse_data_path, parse_split, split_boundaries
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,8 @@ def tokenizer():
 
 @pytest.mark.parametrize("text", [
     "", "\n", " hello  world \n\n\tx\r\n", "  leading", "trailing  \r\n", "é ü 漢字 \x00\x01",
-    "marker \u2581 in ▁▁text▁", "a\u2028b\x0c\x1b[0m", "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+    "marker \u2581 in ▁▁text▁", "a\u2028b\x0c\x1b[0m",
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n",
 ])
 def test_tokenizer_round_trip_exact(tokenizer, text):
     ids = tokenizer.tokenize(text)

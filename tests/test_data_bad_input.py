@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from data_helpers import REPO, load_tool, small_tokenizer_model, write_synthetic
+
 from megatron_sr.data import IndexedDataset, IndexedDatasetError, SentencePieceTokenizer
 
 

@@ -5,8 +5,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from data_helpers import write_synthetic
+
 from megatron_sr.data import IndexedDataset
 
 with warnings.catch_warnings():

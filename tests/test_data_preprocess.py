@@ -3,9 +3,8 @@ import json
 
 import numpy as np
 import pytest
+from data_helpers import SHARED_DATA, decode_like_a_user, load_tool, read_megatron_dataset, small_tokenizer_model
 
-from data_helpers import (SHARED_DATA, decode_like_a_user, load_tool, read_megatron_dataset,
-                          small_tokenizer_model)
 from megatron_sr.data import IndexedDataset, SentencePieceTokenizer
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")

@@ -10,8 +10,8 @@ from megatron_sr.config import Config, ModelConfig, finalize
 from megatron_sr.distributed.factory import build_data_parallel
 from megatron_sr.model import GPTModel
 from megatron_sr.optimizer.sr_adamw import SRAdamW
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.sr_streams import assign_sr_streams
 
 VOCAB, SEQ, STEPS = 96, 16, 3
 
@@ -54,9 +54,7 @@ def _train(model, forward_model, opt):
 def _reference(cfg):
     model = _model(cfg)
     o = cfg.optimizer
-    opt = SRAdamW([model], lr=o.lr, weight_decay=o.weight_decay, beta1=o.adam_beta1, beta2=o.adam_beta2,
-                  eps=o.adam_eps, clip_grad=o.clip_grad, precision=o.precision, seed=cfg.training.seed,
-                  state_dtype=o.optimizer_state_dtype, grad_dtype=o.grad_dtype)
+    opt = SRAdamW([model], o, seed=cfg.training.seed)
     return _train(model, model, opt)
 
 
@@ -100,8 +98,8 @@ def test_dp2_sharded_update_is_the_single_process_update():
 def test_sharded_checkpoint_resumes_bitwise_in_the_single_process_trainer(tmp_path):
     """A DistributedOptimizer checkpoint (dp = 1) loads through the trainer's load_checkpoint into
     SRAdamW, and the two continue bit for bit alike."""
-    from megatron_sr.distributed.checkpoint import save_checkpoint
-    from megatron_sr.training.checkpointing import load_checkpoint
+    from megatron_sr.checkpoint import load_checkpoint
+    from megatron_sr.checkpoint.sharded import save_checkpoint
 
     cfg = _cfg("bf16-sr", state_dtype="fp32")
     model = _model(cfg)
@@ -122,8 +120,7 @@ def test_sharded_checkpoint_resumes_bitwise_in_the_single_process_trainer(tmp_pa
 
     single = _model(cfg)
     o = cfg.optimizer
-    sr = SRAdamW([single], lr=o.lr, weight_decay=o.weight_decay, beta1=o.adam_beta1, beta2=o.adam_beta2,
-                 eps=o.adam_eps, precision=o.precision, seed=cfg.training.seed)
+    sr = SRAdamW([single], o, seed=cfg.training.seed)
     state, config = load_checkpoint(str(tmp_path), [single], sr)
     assert (state.iteration, state.consumed_train_samples, config, sr.step_count) == (1, 4, {"marker": 1}, 1)
     for tokens in batches[1:]:

@@ -10,9 +10,10 @@ import torch.distributed as dist
 from multiproc import run_ranks
 from torch import nn
 
-from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig
+from megatron_sr.config import OptimizerConfig
+from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.sr_streams import assign_sr_streams
 
 DIM_IN, HIDDEN, DIM_OUT = 12, 20, 6
 
@@ -38,8 +39,8 @@ def train(dtype, grad_dtype, precision, data, *, dp_group=None, dp_rank=0, dp_si
     model = make_model(dtype)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=grad_dtype, use_distributed_optimizer=distributed,
                                                    bucket_size=bucket_size), dp_group=dp_group)
-    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1e-2, weight_decay=0.1, precision=precision, clip_grad=clip,
-                                                    seed=7))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1e-2, weight_decay=0.1, precision=precision, clip_grad=clip),
+                               seed=7)
     losses, norms = [], []
     for x, y in data:
         xs, ys = x.chunk(dp_size)[dp_rank].chunk(micro_batches), y.chunk(dp_size)[dp_rank].chunk(micro_batches)
@@ -166,7 +167,7 @@ def test_fp32_matches_torch_adamw():
 def test_nan_gradient_skips_the_step():
     model = make_model(torch.bfloat16)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.float32))
-    opt = DistributedOptimizer(ddp, OptimizerConfig(precision="bf16-sr"))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(precision="bf16-sr", weight_decay=0.0, clip_grad=0.0), seed=1234)
     before = ddp.buffer.param_data.clone()
     x, y = batches(1, 4)[0]
     nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
@@ -178,7 +179,8 @@ def test_nan_gradient_skips_the_step():
 
 def test_lr_is_set_per_step_both_ways():
     ddp = DistributedDataParallel(make_model(torch.float32), DDPConfig())
-    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1.0, precision="fp32"))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1.0, precision="fp32", weight_decay=0.0, clip_grad=0.0),
+                               seed=1234)
     opt.lr = 0.5
     assert opt.param_groups[0]["lr"] == 0.5
     opt.param_groups[0]["lr"] = 0.0  # a zero learning rate: the step leaves the params alone (no decay)
@@ -219,7 +221,7 @@ def test_setting_the_seed_changes_the_sr_stream():
     results = []
     for seed in (None, 99):
         ddp = DistributedDataParallel(make_model(torch.bfloat16), DDPConfig(grad_dtype=torch.bfloat16))
-        opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1e-2, seed=7))
+        opt = DistributedOptimizer(ddp, OptimizerConfig(lr=1e-2, weight_decay=0.0, clip_grad=0.0), seed=7)
         if seed is not None:
             opt.seed = seed
         nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
@@ -230,13 +232,13 @@ def test_setting_the_seed_changes_the_sr_stream():
 
 def test_load_state_checks_coverage_and_round_trips():
     ddp = DistributedDataParallel(make_model(torch.bfloat16), DDPConfig(bucket_size=50))
-    opt = DistributedOptimizer(ddp, OptimizerConfig())
+    opt = DistributedOptimizer(ddp, OptimizerConfig(weight_decay=0.0, clip_grad=0.0), seed=1234)
     x, y = batches(1, 4)[0]
     nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
     opt.step()
     state = opt.state_dict()
     other = DistributedOptimizer(DistributedDataParallel(make_model(torch.bfloat16), DDPConfig(bucket_size=1000)),
-                                 OptimizerConfig())
+                                 OptimizerConfig(weight_decay=0.0, clip_grad=0.0), seed=1234)
     other.load_state_dict(state)  # another bucket layout: matched by parameter name and offset
     assert other.step_count == 1
     assert torch.equal(torch.sort(other.exp_avg_sq).values, torch.sort(opt.exp_avg_sq).values)

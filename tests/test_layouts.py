@@ -32,13 +32,13 @@ bit for bit: the same losses and the same final parameters as the uninterrupted 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import pytest
 import torch
-
 from multiproc import run_ranks, sub_world
+
+from megatron_sr.training.observer import Observer
 
 ARGS = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --vocab-size 128 "
         "--make-vocab-size-divisible-by 32 --micro-batch-size 1 --global-batch-size 8 --train-iters 10 "
@@ -64,35 +64,24 @@ def _digest(model_chunks) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _recording(sr_seed: int | None = None):
-    """Patch the trainer so pretrain() also reports grad norms and a digest of the final parameters."""
-    import megatron_sr.training.loop as loop
-    import megatron_sr.training.pretrain as pretrain_mod
+class _Recorder(Observer):
+    """pretrain() quietly, also reporting grad norms and a digest of the final parameters."""
 
-    orig_train, orig_log, orig_plog = pretrain_mod.train, loop.log, pretrain_mod.log
-    record: dict = {"norms": []}
+    def __init__(self, sr_seed: int | None = None):
+        self.sr_seed, self.norms, self.digest = sr_seed, [], None
 
-    def train(cfg, model_chunks, optimizer, *args, **kwargs):
-        if sr_seed is not None:
-            optimizer.seed = sr_seed  # only the SR stream's seed: same init, same data
-        step = optimizer.step
+    def log(self, message: str) -> None:
+        pass
 
-        def recorded_step():
-            result = step()
-            record["norms"].append(result.grad_norm)
-            return result
+    def on_train_start(self, trainer) -> None:
+        if self.sr_seed is not None:
+            trainer.optimizer.seed = self.sr_seed  # only the SR stream's seed: same init, same data
 
-        optimizer.step = recorded_step
-        out = orig_train(cfg, model_chunks, optimizer, *args, **kwargs)
-        record["digest"] = _digest(model_chunks)
-        return out
+    def on_step(self, iteration, loss, result) -> None:
+        self.norms.append(result.grad_norm)
 
-    pretrain_mod.train, loop.log, pretrain_mod.log = train, (lambda m: None), (lambda m: None)
-    try:
-        yield record
-    finally:
-        pretrain_mod.train, loop.log, pretrain_mod.log = orig_train, orig_log, orig_plog
+    def on_train_end(self, trainer, result) -> None:
+        self.digest = _digest(trainer.model_chunks)
 
 
 def _train(argv: list[str], sr_seed: int | None = None) -> dict:
@@ -100,9 +89,9 @@ def _train(argv: list[str], sr_seed: int | None = None) -> dict:
     from megatron_sr.parallel import parallel_state as ps
     from megatron_sr.training.pretrain import pretrain
 
-    with _recording(sr_seed) as record:
-        result = pretrain(parse_config(argv))
-    return {"losses": result.train_losses, "norms": record["norms"], "digest": record["digest"],
+    record = _Recorder(sr_seed)
+    result = pretrain(parse_config(argv), record)
+    return {"losses": result.train_losses, "norms": record.norms, "digest": record.digest,
             "coords": (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
                        ps.get_pipeline_model_parallel_rank())}
 

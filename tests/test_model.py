@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_sr.config import ModelConfig, finalize, Config
+from megatron_sr.config import Config, ModelConfig, finalize
 from megatron_sr.model import GPTModel
 
 

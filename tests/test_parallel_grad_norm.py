@@ -4,12 +4,17 @@ import math
 
 import pytest
 import torch
+from multiproc import run_ranks
 from torch import nn
 
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.grad_norm import (clip_coefficient, clip_grads_, counts_in_grad_norm, global_grad_norm,
-                                            model_grad_norm)
-from multiproc import run_ranks
+from megatron_sr.parallel.grad_norm import (
+    clip_coefficient,
+    clip_grads_,
+    counts_in_grad_norm,
+    global_grad_norm,
+    model_grad_norm,
+)
 
 
 def _full_grads() -> dict[str, torch.Tensor]:

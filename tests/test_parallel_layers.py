@@ -4,14 +4,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from multiproc import run_ranks
 
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                         parallel_lm_logits, register_sequence_parallel_grad_hooks,
-                                         sequence_parallel_param, vocab_parallel_cross_entropy)
+from megatron_sr.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_lm_logits,
+    register_sequence_parallel_grad_hooks,
+    sequence_parallel_param,
+    vocab_parallel_cross_entropy,
+)
 from megatron_sr.parallel.mappings import scatter_to_sequence_parallel_region
 from megatron_sr.parallel.random import get_rng_tracker, model_parallel_seed
-from multiproc import run_ranks
 
 V, H, FF, B, S = 16, 8, 12, 2, 4
 

@@ -8,13 +8,13 @@ those without, bit for bit, while dropout is really active (they differ from a d
 
 import pytest
 import torch
+from multiproc import run_ranks
 
 from megatron_sr.config import ModelConfig
 from megatron_sr.model.gpt import GPTModel
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.parallelize import apply_sequence_parallel
 from megatron_sr.parallel.random import model_parallel_seed
-from multiproc import run_ranks
+from megatron_sr.training.setup import apply_sequence_parallel
 
 
 def _grads(recompute: bool, dropout: float) -> dict:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
 
 from megatron_sr.parallel import parallel_state as ps
-from multiproc import run_ranks
 
 
 def test_defaults_without_init_are_single_rank():

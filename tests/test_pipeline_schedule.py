@@ -4,12 +4,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from multiproc import run_ranks
 from torch import nn
 
+from megatron_sr.model import stage_layer_range
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.pipeline import (allreduce_tied_embedding_grads, forward_backward_no_pipelining,
-                                  get_forward_backward_func, stage_layer_range, sync_tied_embedding_weights)
-from multiproc import run_ranks
+from megatron_sr.pipeline import (
+    allreduce_tied_embedding_grads,
+    forward_backward_no_pipelining,
+    get_forward_backward_func,
+    sync_tied_embedding_weights,
+)
 
 V, H, S, MBS, LAYERS = 12, 6, 5, 2, 4
 

@@ -4,12 +4,13 @@ accumulation, bf16-mp masters, no decay on 1-D params, NaN skip, clipping, wirin
 import pytest
 import torch
 
-from megatron_sr.config import Config, ModelConfig, finalize
+from megatron_sr.config import Config, ModelConfig, OptimizerConfig, finalize
 from megatron_sr.model import GPTModel
 from megatron_sr.optimizer.adamw_reference import AdamWConstants, adamw_reference_, step_scalars
 from megatron_sr.optimizer.philox import SRKey
 from megatron_sr.optimizer.sr_adamw import SRAdamW
-from megatron_sr.parallel.sr_streams import assign_sr_streams
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
+
 
 def model_cfg():
     cfg = Config(model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
@@ -22,7 +23,10 @@ def make(precision, seed=0, **opt):
     model = GPTModel(model_cfg(), seed=seed,
                      params_dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
     assign_sr_streams([model])
-    return model, SRAdamW([model], lr=opt.pop("lr", 1e-3), precision=precision, **opt)
+    renamed = {"state_dtype": "optimizer_state_dtype"}
+    config = OptimizerConfig(**{"lr": 1e-3, "weight_decay": 0.0, "clip_grad": 0.0, "precision": precision,
+                                **{renamed.get(k, k): v for k, v in opt.items()}})
+    return model, SRAdamW([model], config, seed=1234)
 
 
 def backward(model, seed=0, scale=1.0):
@@ -81,7 +85,7 @@ def test_bf16_mp_keeps_fp32_masters_and_casts_them():
     before = [m.clone() for m in opt.master]
     backward(model)
     opt.step()
-    for p, m, b in zip(model.parameters(), opt.master, before):
+    for p, m, _ in zip(model.parameters(), opt.master, before):
         assert torch.equal(p.detach(), m.to(torch.bfloat16))
     # Steps far below a BF16 ulp accumulate in the master only.
     assert any(not torch.equal(m, b) for m, b in zip(opt.master, before))

@@ -10,8 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quickstart_trains_saves_and_samples(tmp_path):
     proc = subprocess.run([sys.executable, "tools/quickstart.py", "--no-install", "--corpus", "synthetic",
-                           "--workdir", str(tmp_path), "--train-iters", "16", "--vocab-size", "300", "--num-layers", "2", "--hidden-size", "64",
-                           "--max-new-tokens", "8", "--eval-iters", "2", "--seq-length", "64", "--micro-batch-size", "4"],
+                           "--workdir", str(tmp_path), "--train-iters", "16", "--vocab-size", "300",
+                           "--num-layers", "2", "--hidden-size", "64",
+                           "--max-new-tokens", "8", "--eval-iters", "2", "--seq-length", "64",
+                           "--micro-batch-size", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -26,7 +28,8 @@ def test_quickstart_trains_saves_and_samples(tmp_path):
     cmd = [sys.executable, "tools/generate.py", "--load", str(tmp_path / "checkpoint"), "--prompt", "Ben",
            "--max-new-tokens", "6", "--seed", "3"]
     runs = [subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300) for _ in range(2)]
-    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("[iteration 16] Ben")
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout \
+        and runs[0].stdout.startswith("[iteration 16] Ben")
     bad = subprocess.run([sys.executable, "tools/generate.py", "--load", str(tmp_path / "nothing")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr

@@ -2,12 +2,17 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from megatron_sr.optimizer import (
-    AdamWConstants, Rounding, SRKey, adamw_reference_, random_bits16, stochastic_round_bf16, step_scalars,
+    AdamWConstants,
+    Rounding,
+    SRKey,
+    adamw_reference_,
+    random_bits16,
+    step_scalars,
+    stochastic_round_bf16,
 )
 from megatron_sr.optimizer.philox import philox4x32
 
@@ -137,7 +142,8 @@ def test_adamw_step_matches_float64_before_rounding(wd):
 
 
 def test_tiny_updates_move_weights_only_with_sr():
-    """Updates below half a BF16 ulp: round-to-nearest never moves the weight; SR moves it by the right amount on average."""
+    """Updates below half a BF16 ulp: round-to-nearest never moves the weight; SR moves it by the right amount
+    on average."""
     n, steps, lr = 20000, 50, 1e-4
     w0 = torch.ones(n, dtype=torch.bfloat16)  # ulp at 1.0 is 2^-7 = 0.0078; Adam's step is ~lr = 1e-4
     g = torch.ones(n)

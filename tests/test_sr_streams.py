@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from megatron_sr.optimizer.sr_streams import assign_sr_streams, sr_key_for
 from megatron_sr.parallel import parallel_state as ps
-from megatron_sr.parallel.sr_streams import assign_sr_streams, sr_key_for
 
 
 def test_offsets_are_running_numel_sums_over_chunks():

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared" / "data"
 
@@ -84,6 +83,7 @@ def bench_preprocess(args) -> None:
 def make_synthetic(prefix: str, num_docs: int, num_tokens: int, seed: int = 0) -> None:
     """Random document lengths summing exactly to num_tokens, random uint16 tokens; no tokenizer."""
     import numpy as np
+
     from megatron_sr.data.indexed_dataset import write_index
     rng = np.random.default_rng(seed)
     lengths = rng.lognormal(mean=0.0, sigma=1.0, size=num_docs)

@@ -13,6 +13,7 @@ Writes memory_per_param.json and memory_per_param.md under --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -25,16 +26,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_sr.config import OptimizerConfig
+from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer
+from megatron_sr.optimizer.sr_streams import assign_sr_streams
+from megatron_sr.parallel import parallel_state as ps
+from megatron_sr.precision import precision_mode
 
-from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig  # noqa: E402
-from megatron_sr.parallel import parallel_state as ps  # noqa: E402
-from megatron_sr.parallel.sr_streams import assign_sr_streams  # noqa: E402
 
-MODES = {  # precision -> (grad dtype, formula(dp))
-    "bf16-sr": (torch.bfloat16, lambda dp: 2 + 2 + 8 / dp),
-    "bf16-mp": (torch.float32, lambda dp: 2 + 4 + 12 / dp),
-}
+def expected_bytes(precision: str, dp: int) -> float:
+    """The precision table's bytes per parameter on one rank: params + grads + (m, v, FP32 master) / dp."""
+    mode = precision_mode(precision)
+    size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
+    states = 2 * size(mode.state_dtype()) + (4 if mode.fp32_master else 0)
+    return size(mode.param_dtype) + size(mode.grad_dtype()) + states / dp
+
+
+# precision -> (grad dtype, bytes per parameter at dp): the two modes the README compares, default dtypes
+MODES = {p: (precision_mode(p).grad_dtype(), functools.partial(expected_bytes, p)) for p in ("bf16-sr", "bf16-mp")}
 
 
 def build_model(hidden: int, layers: int) -> nn.Module:
@@ -49,11 +57,11 @@ def build_model(hidden: int, layers: int) -> nn.Module:
 
 def measure(precision: str, hidden: int, layers: int, bucket_size: int) -> dict:
     """Bytes per parameter on this rank after one real training step."""
-    grad_dtype, _ = MODES[precision]
+    grad_dtype = precision_mode(precision).grad_dtype()
     model = build_model(hidden, layers)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=grad_dtype, use_distributed_optimizer=True,
                                                    bucket_size=bucket_size))
-    opt = DistributedOptimizer(ddp, OptimizerConfig(precision=precision))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(precision=precision), seed=1234)
     x = torch.randn(4, hidden).bfloat16()
     ddp(x).float().square().mean().backward()
     opt.step()
@@ -102,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dp in args.dp:
         per_rank = run_dp(dp, cfg)
-        for precision, (_, formula) in MODES.items():
+        for precision, (_, bytes_at) in MODES.items():
+            formula = bytes_at(dp)
             worst = max(per_rank, key=lambda r: r[precision]["total"])[precision]
             rows.append({"precision": precision, "dp": dp, "num_params": worst["num_params"],
                          "params": worst["params"], "grads": worst["grads"],
                          "optimizer_states": worst["optimizer_states"], "total": worst["total"],
-                         "formula": formula(dp), "ranks": [r[precision]["total"] for r in per_rank]})
-            print(f"{precision:8s} dp={dp}: {worst['total']:.4f} B/param (formula {formula(dp):.4f})")
+                         "formula": formula, "ranks": [r[precision]["total"] for r in per_rank]})
+            print(f"{precision:8s} dp={dp}: {worst['total']:.4f} B/param (formula {formula:.4f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": cfg, "note": "max over ranks; padding of buckets to dp*8 elements is included",

@@ -4,9 +4,10 @@
     python3 tools/bench_training.py                       # GPT-2 350M shape, seq 1024, bf16-sr/bf16-mp/bf16
     python3 tools/bench_training.py --modes bf16-sr --num-layers 2 --hidden-size 128 --iters 3   (smoke test)
 
-Each mode runs in its own process (clean peak memory): the model from megatron_sr.model, the SRAdamW
-optimizer (fused SR kernel on CUDA when it builds), the default forward/backward schedule; one
-fixed random batch on the device, so the data loader is not measured. Writes JSON + a Markdown table.
+Each mode runs in its own process (clean peak memory): the trainer pretrain_gpt.py builds
+(megatron_sr.training.setup: model, SRAdamW with the fused SR kernel on CUDA when it builds,
+forward_backward), on one fixed random batch on the device, so the data loader is not measured.
+Writes JSON + a Markdown table.
 """
 
 from __future__ import annotations
@@ -20,18 +21,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def measure(args) -> dict:
     import torch
 
     from megatron_sr.config import parse_config
-    from megatron_sr.model import build_model_chunks
-    from megatron_sr.optimizer import dispatch
-    from megatron_sr.parallel.sr_streams import assign_sr_streams
-    from megatron_sr.training.pretrain import build_optimizer, initialize
-    from megatron_sr.training.schedules import forward_backward_no_pipelining
+    from megatron_sr.training.forward_backward import make_forward_backward
+    from megatron_sr.training.setup import build
     from megatron_sr.training.throughput import flops_per_iteration, peak_bf16_tflops
 
     argv = ["--mock-data", "--vocab-size", str(args.vocab_size), "--num-layers", str(args.num_layers),
@@ -42,14 +39,10 @@ def measure(args) -> dict:
     if args.recompute_activations:
         argv.append("--recompute-activations")
     cfg = parse_config(argv)
-    device = initialize(cfg)
-    chunks = build_model_chunks(cfg, device)
-    assign_sr_streams(chunks)
-    if args.compile:
-        chunks = [torch.compile(c) for c in chunks]
-        for c in chunks:  # the loop reads these off the model
-            c.vocab_size = c._orig_mod.vocab_size
-    optimizer = build_optimizer(cfg, chunks if not args.compile else [c._orig_mod for c in chunks])
+    trainer = build(cfg)
+    device, chunks, optimizer = trainer.device, trainer.model_chunks, trainer.optimizer
+    forward_backward = (make_forward_backward(cfg, torch.compile(chunks[0]), device) if args.compile
+                        else trainer.forward_backward)
     n_params = sum(p.numel() for p in optimizer.params)
     gen = torch.Generator(device=device).manual_seed(0)
     batch = {"tokens": torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
@@ -62,13 +55,13 @@ def measure(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses, times = [], []
-    for it in range(args.warmup + args.iters):
+    for _ in range(args.warmup + args.iters):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        out = forward_backward_no_pipelining(chunks, Repeat(), 1, False)
-        optimizer.step()
+        out = forward_backward(chunks, Repeat(), 1, False)
+        path = optimizer.step().path
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -88,7 +81,7 @@ def measure(args) -> dict:
         "mfu": model_flops / step_s / 1e12 / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "bytes_per_param": {k: v / mem["num_params"] for k, v in mem.items() if k != "num_params"},
-        "optimizer_path": dispatch.last_path, "loss_first_last": [losses[0], losses[-1]],
+        "optimizer_path": path, "loss_first_last": [losses[0], losses[-1]],
     }
 
 

@@ -14,52 +14,11 @@ docs/distributed.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_sr.distributed.convert import (export_tensors, padded_vocab_for, read_full_checkpoint,  # noqa: E402
-                                            repad_vocab, write_checkpoint)
-
-EXPORT_FORMAT = "megatron_sr.export/1"
-
-
-def _jsonable_config(common: dict):
-    config = common.get("config") if isinstance(common, dict) else None
-    if config is None:
-        return None
-    if hasattr(config, "__dataclass_fields__"):
-        import dataclasses
-        config = dataclasses.asdict(config)
-    return json.loads(json.dumps(config, default=str))
-
-
-def export_model(full, path: Path) -> str:
-    """Write the full model to `path`; returns the format used ("safetensors" or "torch")."""
-    tensors = export_tensors(full)
-    meta = {"format": EXPORT_FORMAT, "iteration": str(full.iteration),
-            "config": json.dumps(_jsonable_config(full.common))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    kind = "torch"
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            print("convert_checkpoint: safetensors is not installed; use a .pt name for --export", file=sys.stderr)
-            raise SystemExit(2)
-        save_file(tensors, str(tmp), metadata=meta)
-        kind = "safetensors"
-    else:
-        torch.save({"format": EXPORT_FORMAT, "model": tensors, "iteration": full.iteration,
-                    "config": _jsonable_config(full.common)}, tmp)
-    os.replace(tmp, path)
-    return kind
+from megatron_sr.checkpoint.convert import padded_vocab_for, read_full_checkpoint, repad_vocab, write_checkpoint
+from megatron_sr.checkpoint.export import write_export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             padded_one = args.target_padded_vocab_size or padded_vocab_for(full.common, 1)
             if padded_one is not None:
                 repad_vocab(full, padded_one)  # the exported model is a tp = 1 model
-            kind = export_model(full, Path(args.export))
+            kind = write_export(full, Path(args.export))
             print(f"exported {len(full.tensors)} tensors to {args.export} ({kind})")
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"convert_checkpoint: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sample text from a megatron-sr checkpoint.
 
-    python3 tools/generate.py --load ckpt --prompt "ROMEO:" --max-new-tokens 200
+    python3 tools/generate.py --load ckpt --prompt "ROMEO:" --max-new-tokens 200   # any tp/pp/dp layout
     python3 tools/generate.py --load gpt.pt --prompt "ROMEO:"   # a file from convert_checkpoint.py --export
 The model size and tokenizer come from the checkpoint's saved config (--tokenizer-model overrides).
 """
@@ -10,47 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_sr.config import Config  # noqa: E402
-from megatron_sr.model import GPTModel  # noqa: E402
-from megatron_sr.training.checkpointing import checkpoint_file, read_latest_iteration  # noqa: E402
-
-
-EXPORT_FORMAT = "megatron_sr.export/1"  # written by tools/convert_checkpoint.py --export (docs/distributed.md)
-
-
-def read_payload(load: str) -> dict:
-    """{"model", "config", "iteration"} from a checkpoint directory or an exported single-file model."""
-    path = Path(load)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            import json
-
-            from safetensors import safe_open  # present whenever such a file was written
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                payload = {"model": {k: f.get_tensor(k) for k in f.keys()}, "format": meta.get("format"),
-                           "config": json.loads(meta.get("config", "null")), "iteration": int(meta.get("iteration", 0))}
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{load}: not a model exported by convert_checkpoint.py (format {EXPORT_FORMAT})")
-        if not payload.get("config"):
-            raise ValueError(f"{load}: the exported file holds no training config to build the model from")
-        return payload
-    iteration = read_latest_iteration(load)
-    if iteration is None:
-        raise FileNotFoundError(f"{load}: no latest_checkpointed_iteration.txt (not a checkpoint directory)")
-    return torch.load(checkpoint_file(path / f"iter_{iteration:07d}"), map_location="cpu", weights_only=False)
+from megatron_sr.checkpoint.export import read_model
+from megatron_sr.config import Config
+from megatron_sr.model import GPTModel
 
 
 def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
-    payload = read_payload(load)
+    payload = read_model(load)
     cfg = Config.from_dict(payload["config"])
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     model = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.float32)

@@ -26,14 +26,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer, OptimizerConfig  # noqa: E402
-from megatron_sr.optimizer import dispatch  # noqa: E402
-from megatron_sr.optimizer.adamw_reference import AdamWConstants, step_scalars  # noqa: E402
-from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_  # noqa: E402
-from megatron_sr.parallel import parallel_state as ps  # noqa: E402
-from megatron_sr.parallel.sr_streams import assign_sr_streams, sr_key_for  # noqa: E402
+from megatron_sr.config import OptimizerConfig
+from megatron_sr.distributed import DDPConfig, DistributedDataParallel, DistributedOptimizer
+from megatron_sr.optimizer.adamw_reference import AdamWConstants, step_scalars
+from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_
+from megatron_sr.optimizer.sr_streams import assign_sr_streams, sr_key_for
+from megatron_sr.parallel import parallel_state as ps
 
 LR, WD, SEED, STEPS = 1e-3, 0.1, 1234, 5
 
@@ -63,14 +61,16 @@ def run_distributed(hidden, layers, grad_dtype, device, fused: bool):
     os.environ["MEGATRON_SR_COMPILE_FALLBACK"] = "0"  # path C: the eager reference, the definition itself
     ddp = DistributedDataParallel(build(hidden, layers, device), DDPConfig(
         grad_dtype=grad_dtype, use_distributed_optimizer=True, bucket_size=300_000))
-    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=LR, weight_decay=WD, seed=SEED, precision="bf16-sr"))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=0.0, precision="bf16-sr"),
+                               seed=SEED)
     losses, paths = [], set()
     for x, y in data(hidden, device):
         opt.zero_grad()
         loss = loss_of(ddp, x, y)
         loss.backward()
-        assert opt.step().updated
-        paths.add(dispatch.last_path)
+        result = opt.step()
+        assert result.updated
+        paths.add(result.path)
         losses.append(loss.item())
     return [q.detach().clone() for q in ddp.module.parameters()], losses, paths, len(ddp.buffer.buckets)
 
@@ -93,8 +93,7 @@ def run_plain(hidden, layers, grad_dtype, device):
                 p.data.view(-1), p.grad.to(grad_dtype).view(-1), m.view(-1), v.view(-1), p.sr_index_base,
                 WD if p.dim() > 1 else 0.0))
         for key, chunks in by_key.items():
-            adamw_step_(chunks, scalars=scalars, step=step, consts=consts, rounding="stochastic", key=key)
-        paths.add(dispatch.last_path)
+            paths.add(adamw_step_(chunks, scalars=scalars, step=step, consts=consts, rounding="stochastic", key=key))
         losses.append(loss.item())
     return params, losses, paths
 
@@ -119,8 +118,7 @@ def gpt_check(device: str) -> tuple[bool, str]:
         return m
 
     ref, dist_model = model(), model()
-    opt_ref = SRAdamW([ref], lr=o.lr, weight_decay=o.weight_decay, beta1=o.adam_beta1, beta2=o.adam_beta2,
-                      eps=o.adam_eps, clip_grad=o.clip_grad, precision=o.precision, seed=cfg.training.seed)
+    opt_ref = SRAdamW([ref], o, seed=cfg.training.seed)
     ddp, opt = build_data_parallel(dist_model, o, seed=cfg.training.seed, use_distributed_optimizer=True,
                                    bucket_size=1_000_000)
     g = torch.Generator().manual_seed(9)
@@ -138,7 +136,7 @@ def gpt_check(device: str) -> tuple[bool, str]:
             q.main_grad.copy_(p.grad)  # the same gradients into the DDP buffer (backward on GPU may use atomics)
         ddp._synced = True
         r_ref, r = opt_ref.step(), opt.step()
-        paths.add(dispatch.last_path)
+        paths.update((r_ref.path, r.path))
         norms.append((r_ref.grad_norm, r.grad_norm))
     same = _bitwise([p.detach() for p in ref.parameters()], [p.detach() for p in dist_model.parameters()])
     n = sum(p.numel() for p in ref.parameters())
@@ -151,11 +149,11 @@ def time_step(device: str, hidden: int, layers: int) -> str:
     os.environ["MEGATRON_SR_FUSED"] = "1"
     ddp = DistributedDataParallel(build(hidden, layers, device), DDPConfig(grad_dtype=torch.bfloat16,
                                                                            use_distributed_optimizer=True))
-    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=LR, weight_decay=WD, seed=SEED))
+    opt = DistributedOptimizer(ddp, OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=0.0), seed=SEED)
     ddp.buffer.grad_data.normal_(0, 1e-3)
     ddp._synced = True  # time the optimizer alone (no backward)
     for _ in range(3):
-        opt.step()
+        path = opt.step().path
     if device == "cuda":
         torch.cuda.synchronize()
     t0, n = time.perf_counter(), 20
@@ -165,7 +163,7 @@ def time_step(device: str, hidden: int, layers: int) -> str:
         torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / n * 1e3
     return (f"DistributedOptimizer.step() on {ddp.buffer.numel_unpadded / 1e6:.1f}M params, "
-            f"{len(ddp.buffer.buckets)} buckets, path {dispatch.last_path}: {ms:.2f} ms (norm + clip + SR AdamW)")
+            f"{len(ddp.buffer.buckets)} buckets, path {path}: {ms:.2f} ms (norm + clip + SR AdamW)")
 
 
 def main(argv=None) -> int:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, fused, step_scalars  # noqa: E402
-from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_  # noqa: E402
-from megatron_sr.optimizer import dispatch  # noqa: E402
+from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, fused, step_scalars
+from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_
 
 
 def build() -> int:
     t0 = time.perf_counter()
     fused.load_extension()
-    print(f"extension ready in {time.perf_counter() - t0:.1f} s at {fused.build_directory(torch.cuda.get_device_capability())}")
+    where = fused.build_directory(torch.cuda.get_device_capability())
+    print(f"extension ready in {time.perf_counter() - t0:.1f} s at {where}")
     return 0
 
 
@@ -41,15 +39,15 @@ def sanitize() -> int:
                     chunks = []
                     for n, base, pad in [(1, 0, 0), (7, 3, 1), (8, 8, 0), (9, 13, 0), (33, 5, 2), (1031, 6, 1),
                                          (4096 + 3, 0, 0), (70_001, 11, 3)]:
-                        mk = lambda dt, s: (torch.randn(n + pad, device="cuda") * s).to(dt)[pad:]  # noqa: E731
+                        mk = lambda dt, s, n=n, pad=pad: (torch.randn(n + pad, device="cuda") * s).to(dt)[pad:]  # noqa: E731
                         chunks.append(AdamWChunk(mk(pd, 1), mk(gd, 1e-2), mk(sd, 1e-3), mk(sd, 1e-5).abs(), base,
                                                  0.1 if n % 2 else 0.0))
                     want = [AdamWChunk(c.param.clone(), c.grad.clone(), c.exp_avg.clone(), c.exp_avg_sq.clone(),
                                        c.base_index, c.weight_decay) for c in chunks]
                     scalars = step_scalars(1e-3, 1, 0.9, 0.95, "cuda")
-                    adamw_step_(chunks, scalars=scalars, step=1, consts=consts, rounding=rounding, key=key)
+                    path = adamw_step_(chunks, scalars=scalars, step=1, consts=consts, rounding=rounding, key=key)
                     launches += 1
-                    assert dispatch.last_path == "fused"
+                    assert path == "fused"
                     for c, w in zip(chunks, want):
                         adamw_reference_(w.param, w.grad, w.exp_avg, w.exp_avg_sq, scalars=scalars, step=1,
                                          consts=consts, weight_decay=w.weight_decay, rounding=rounding, key=key,
@@ -93,11 +91,11 @@ def fallback() -> int:
         warnings.simplefilter("always")
         for step in (1, 2):
             scalars = step_scalars(1e-3, step, 0.9, 0.95, "cuda")
-            adamw_step_([c], scalars=scalars, step=step, consts=consts, rounding="stochastic", key=key)
+            path = adamw_step_([c], scalars=scalars, step=step, consts=consts, rounding="stochastic", key=key)
             adamw_reference_(w.param, w.grad, w.exp_avg, w.exp_avg_sq, scalars=scalars, step=step, consts=consts,
                              weight_decay=0.1, rounding="stochastic", key=key, base_index=13)
     torch.cuda.synchronize()
-    print(f"fallback: path={dispatch.last_path}, 2 steps incl. compile {time.perf_counter() - t0:.1f} s, "
+    print(f"fallback: path={path}, 2 steps incl. compile {time.perf_counter() - t0:.1f} s, "
           f"warnings={[str(x.message)[:90] for x in caught]}")
     for name in ("param", "exp_avg", "exp_avg_sq"):
         a, b = getattr(c, name).float(), getattr(w, name).float()

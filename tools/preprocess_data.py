@@ -6,12 +6,9 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args  # noqa: E402
-from megatron_sr.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args
+from megatron_sr.data.preprocess import PreprocessConfig, preprocess
 
 
 def parse_args(argv=None):

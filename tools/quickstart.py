@@ -8,7 +8,8 @@
 Steps: install requirements.txt if a package is missing; build a corpus (yours, the shared Tiny
 Shakespeare, or a synthetic one the project writes itself: nothing is downloaded); train a
 sentencepiece tokenizer and Megatron's .bin/.idx dataset; train a 4-layer GPT with bf16-sr for
-300 iterations or --minutes (default 4) on the CPU (or the GPU), whichever comes first, printing the loss and validation perplexity; save a checkpoint;
+300 iterations or --minutes (default 4) on the CPU (or the GPU), whichever comes first, printing the
+loss and validation perplexity; save a checkpoint;
 sample from it with tools/generate.py.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-NEEDED = ("torch", "numpy", "sentencepiece", "yaml", "tqdm")
+NEEDED = ("megatron_sr", "torch", "numpy", "sentencepiece", "yaml", "tqdm")  # the tools import the package
 
 
 def run(cmd: list[str]) -> None:
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
          "--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 20)),
          "--log-interval", str(max(1, iters // 12)), "--eval-interval", str(max(1, iters // 3)),
          "--precision", args.precision, "--save", str(ckpt), "--exit-duration-in-mins", str(args.minutes), *extra])
-    run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(args.max_new_tokens)])
+    run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt,
+         "--max-new-tokens", str(args.max_new_tokens)])
     print(f"\ncheckpoint: {ckpt}\nsample again: python3 tools/generate.py --load {ckpt} --prompt \"{prompt}\"")
     return 0
 

@@ -7,13 +7,9 @@ Accepts the same inputs and input flags as tools/preprocess_data.py.
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from megatron_sr.data.corpus import (add_corpus_arguments, corpus_config_from_args, expand_inputs,  # noqa: E402
-                                     iter_documents)
-from megatron_sr.data.tokenizer_training import train_sentencepiece  # noqa: E402
+from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args, expand_inputs, iter_documents
+from megatron_sr.data.tokenizer_training import train_sentencepiece
 
 
 def parse_args(argv=None):

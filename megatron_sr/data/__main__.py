@@ -7,7 +7,7 @@ Exit status 1 with a one-line error naming the file when the .bin/.idx pair is n
 import argparse
 import sys
 
-from .indexed_dataset import IndexedDataset, IndexedDatasetError
+from .indexed_dataset import IndexedDataset
 
 
 def main(argv=None) -> int:

@@ -67,7 +67,7 @@ def corpus_config_from_args(args) -> CorpusConfig:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files in order: each input as given; a directory's files sorted (hidden ones skipped); a glob's matches sorted."""
+    """Files in order: each input as given; a directory's files sorted (hidden ones skipped); a glob's sorted."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)

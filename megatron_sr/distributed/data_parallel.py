@@ -34,7 +34,6 @@ warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.(reduce_scatt
 class DDPConfig:
     grad_dtype: torch.dtype = torch.float32
     use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = True
     bucket_size: int | None = DEFAULT_BUCKET_SIZE  # elements per bucket; None: one bucket
 
 
@@ -96,7 +95,7 @@ class DistributedDataParallel(nn.Module):
                 p.grad = None
             if self.event_log is not None:
                 self.event_log.append(("grad", param_index))
-            if self._sync_enabled and self.config.overlap_grad_reduce:
+            if self._sync_enabled:
                 self._ready[bucket.index].add(id(param))
                 if (len(self._ready[bucket.index]) == len(bucket.params)
                         and bucket.index not in self._late_buckets):

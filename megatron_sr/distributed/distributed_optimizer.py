@@ -27,29 +27,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import OptimizerConfig
 from ..optimizer.adamw_reference import AdamWConstants, step_scalars
-from ..optimizer.dispatch import AdamWChunk, adamw_step_
+from ..optimizer.chunks import AdamWChunk, group_by_sr_key, weight_decay_for
+from ..optimizer.dispatch import adamw_step_
 from ..optimizer.sr_adamw import StepResult  # one result type for both optimizers
+from ..optimizer.sr_streams import check_sr_streams
 from ..parallel import parallel_state as ps
 from ..parallel.grad_norm import clip_grads_, global_grad_norm
-from ..parallel.sr_streams import sr_key_for
+from ..precision import precision_mode
 from .data_parallel import DistributedDataParallel
 
 STATE_FORMAT = "megatron_sr.distributed_optimizer/1"
-PRECISIONS = ("bf16-sr", "bf16", "bf16-mp", "fp32")
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_grad: float = 0.0  # 0: no clipping
-    seed: int = 1234
-    precision: str = "bf16-sr"
-    state_dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -63,37 +52,36 @@ class _Piece:
 
 
 class DistributedOptimizer:
-    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, shard_over_dp: bool | None = None):
-        if config.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, seed: int,
+                 shard_over_dp: bool | None = None):
+        mode = precision_mode(config.precision)
         self.model = model
         self.config = config
         self.param_groups = [{"lr": config.lr}]  # torch-style: a scheduler may set param_groups[0]["lr"]
         self.step_count = 0  # updates applied: the SR stream's step counter
-        self._seed = config.seed
+        self._seed = seed
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
             raise ValueError("sharding the optimizer needs DDP with use_distributed_optimizer=True (reduce-scatter)")
         if model.dp_group is not ps.get_data_parallel_group():
             raise ValueError("DistributedOptimizer: the model's dp group must be parallel_state's (the norm is reduced "
                              "over parallel_state's groups)")
-        self.consts = AdamWConstants.make(config.beta1, config.beta2, config.eps)
-        self.rounding = "nearest" if config.precision in ("bf16", "bf16-mp") else "stochastic"
+        self.consts = AdamWConstants.make(config.adam_beta1, config.adam_beta2, config.adam_eps)
+        self.rounding = mode.rounding
         buf = model.buffer
+        check_sr_streams(model.module.named_parameters())
         names = {p: n for n, p in model.module.named_parameters()}
         self.pieces: list[_Piece] = []
         total = 0
         for p, lo, hi, off in buf.shard_pieces(model.dp_rank, self.shard):
-            if not hasattr(p, "sr_index_base"):
-                raise ValueError(f"parameter {names[p]} has no sr_index_base: call "
-                                 "megatron_sr.parallel.sr_streams.assign_sr_streams(model) before wrapping it")
             self.pieces.append(_Piece(p, names[p], lo, hi, off, total))
             total += hi - lo
         device = buf.param_data.device
-        self.exp_avg = torch.zeros(total, dtype=config.state_dtype, device=device)
-        self.exp_avg_sq = torch.zeros(total, dtype=config.state_dtype, device=device)
+        state_dtype = mode.state_dtype(config.optimizer_state_dtype)
+        self.exp_avg = torch.zeros(total, dtype=state_dtype, device=device)
+        self.exp_avg_sq = torch.zeros(total, dtype=state_dtype, device=device)
         self.master = None
-        if config.precision == "bf16-mp":
+        if mode.fp32_master:
             self.master = torch.empty(total, dtype=torch.float32, device=device)
             for pc in self.pieces:
                 self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo].copy_(buf.param_data[pc.lo:pc.hi])
@@ -102,16 +90,14 @@ class DistributedOptimizer:
     def _chunk_groups(self):
         """AdamW chunks grouped by SR key (adamw_step_ takes one key per call)."""
         buf = self.model.buffer
-        groups: dict[object, list[AdamWChunk]] = defaultdict(list)
+        pieces = []
         for pc in self.pieces:
-            n = pc.hi - pc.lo
-            s = slice(pc.state_offset, pc.state_offset + n)
+            s = slice(pc.state_offset, pc.state_offset + pc.hi - pc.lo)
             param = self.master[s] if self.master is not None else buf.param_data[pc.lo:pc.hi]
-            wd = self.config.weight_decay if pc.param.dim() > 1 else 0.0  # none on biases and norm weights
-            groups[sr_key_for(pc.param, self._seed)].append(AdamWChunk(
-                param, buf.grad_data[pc.lo:pc.hi], self.exp_avg[s], self.exp_avg_sq[s],
-                pc.param.sr_index_base + pc.offset, wd))
-        return dict(groups)
+            pieces.append((pc.param, AdamWChunk(param, buf.grad_data[pc.lo:pc.hi], self.exp_avg[s], self.exp_avg_sq[s],
+                                                pc.param.sr_index_base + pc.offset,
+                                                weight_decay_for(pc.param, self.config.weight_decay))))
+        return group_by_sr_key(pieces, self._seed)
 
     # ---- the trainer's optimizer interface ----
     @property
@@ -154,15 +140,16 @@ class DistributedOptimizer:
         clip_grads_((buf.grad_data[lo:hi] for lo, hi in self._shard_ranges()), norm_value, self.config.clip_grad)
         self.step_count += 1
         device = buf.param_data.device
-        scalars = step_scalars(self.lr, self.step_count, self.config.beta1, self.config.beta2, device)
+        scalars = step_scalars(self.lr, self.step_count, self.config.adam_beta1, self.config.adam_beta2, device)
+        path = None
         for key, chunks in self._groups.items():
-            adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
-                        rounding=self.rounding, key=key)
+            path = adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+                               rounding=self.rounding, key=key) or path
         if self.master is not None:
             for pc in self.pieces:
                 buf.param_data[pc.lo:pc.hi].copy_(self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo])
         self._all_gather_params()
-        return StepResult(updated=True, grad_norm=norm_value, skipped=False)
+        return StepResult(updated=True, grad_norm=norm_value, skipped=False, path=path)
 
     def _shard_ranges(self) -> list[tuple[int, int]]:
         buf, model = self.model.buffer, self.model

@@ -17,6 +17,7 @@ from ..config import Config, ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits, vocab_parallel_cross_entropy
 from ..parallel.random import checkpoint  # torch's, also replaying the tracked tp RNG
+from ..precision import precision_mode
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for
 from .transformer import TransformerLayer, layer_norm
@@ -124,7 +125,15 @@ class GPTModel(nn.Module):
         return loss if loss_mask is None else loss * loss_mask
 
 
-PARAMS_DTYPE = {"bf16-sr": torch.bfloat16, "bf16": torch.bfloat16, "bf16-mp": torch.bfloat16, "fp32": torch.float32}
+def stage_layer_range(num_layers: int, pipeline_size: int, pipeline_rank: int) -> range:
+    """Global layer numbers of one stage: an even split, an error when it does not divide."""
+    if pipeline_size < 1 or not 0 <= pipeline_rank < pipeline_size:
+        raise ValueError(f"pipeline rank {pipeline_rank} is outside a pipeline of size {pipeline_size}")
+    if num_layers % pipeline_size:
+        raise ValueError(f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
+                         f"{pipeline_size}: layers are split evenly over pipeline stages")
+    per_stage = num_layers // pipeline_size
+    return range(pipeline_rank * per_stage, (pipeline_rank + 1) * per_stage)
 
 
 def build_model_chunks(cfg: Config, device: torch.device | str = "cpu") -> list[nn.Module]:
@@ -132,9 +141,9 @@ def build_model_chunks(cfg: Config, device: torch.device | str = "cpu") -> list[
 
     Pipeline parallelism plugs in here: the stage's layer range and pre/post flags come from parallel_state.
     """
-    pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    per_stage = cfg.model.num_layers // pp_size
+    layers = stage_layer_range(cfg.model.num_layers, ps.get_pipeline_model_parallel_world_size(),
+                               ps.get_pipeline_model_parallel_rank())
     model = GPTModel(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     seed=cfg.training.seed, params_dtype=PARAMS_DTYPE[cfg.optimizer.precision],
-                     layer_offset=pp_rank * per_stage, num_layers=per_stage)
+                     seed=cfg.training.seed, params_dtype=precision_mode(cfg.optimizer.precision).param_dtype,
+                     layer_offset=layers.start, num_layers=len(layers))
     return [model.to(device)]

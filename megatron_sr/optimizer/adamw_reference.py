@@ -52,7 +52,7 @@ class AdamWConstants:
     one_minus_beta2: float
 
     @classmethod
-    def make(cls, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> "AdamWConstants":
+    def make(cls, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> AdamWConstants:
         return cls(to_fp32(beta1), to_fp32(beta2), to_fp32(eps), to_fp32(1.0 - beta1), to_fp32(1.0 - beta2))
 
 

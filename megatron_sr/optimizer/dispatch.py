@@ -1,8 +1,4 @@
-"""One entry point for the SR AdamW step over a list of chunks: the fused CUDA kernel or the reference.
-
-A chunk is a contiguous 1-D piece of a parameter with its gradient and optimizer states and the
-stream index of its first element. The single-process optimizer passes one chunk per parameter;
-the distributed optimizer passes the pieces of parameters that fall inside its shard.
+"""One entry point for the SR AdamW step over a list of chunks (chunks.py): the fused CUDA kernel or the reference.
 
 On CUDA the fused kernel (fused.py, csrc/) runs when it builds; it is bitwise equal to the eager
 reference. Otherwise the reference runs (wrapped in torch.compile on a GPU, for speed) and one
@@ -14,30 +10,20 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import fused
 from .adamw_reference import AdamWConstants, Rounding, adamw_reference_
+from .chunks import AdamWChunk
 from .philox import SRKey
 
-
-@dataclass
-class AdamWChunk:
-    param: torch.Tensor  # BF16 or FP32, contiguous, updated in place
-    grad: torch.Tensor  # BF16 or FP32, same numel
-    exp_avg: torch.Tensor  # FP32 or BF16
-    exp_avg_sq: torch.Tensor  # FP32 or BF16
-    base_index: int  # stream index of param[0] in the model-parallel rank's full parameter space
-    weight_decay: float  # 0.0 for biases and norm weights
-
+__all__ = ["AdamWChunk", "adamw_step_", "fused_unusable_reason"]
 
 _warned = False
 _compiled_reference: Callable | None = None
 _compile_failed = False
-last_path: str | None = None  # "fused" or "reference": which path the last call took (for tests and logs)
 
 
 def adamw_step_(
@@ -48,15 +34,15 @@ def adamw_step_(
     consts: AdamWConstants,
     rounding: Rounding | str,
     key: SRKey,
-) -> None:
-    """Apply one AdamW step to every chunk in place (scalars from `step_scalars`).
+) -> str | None:
+    """Apply one AdamW step to every chunk in place (scalars from `step_scalars`); returns the path taken,
+    "fused" or "reference" (None when every chunk is empty).
 
     `step` is an int or a one-element int64 tensor; on the fused path a CUDA step tensor and the
     scalars tensor are read on the device, so a CUDA graph can capture the step. The first call with a
     chunk list checks it and plans the launch; later calls with the same tensors (new AdamWChunk objects
     are fine) reuse that plan, so their host cost is one C++ pass over the list plus the launch.
     """
-    global last_path
     rounding = Rounding(rounding)
     fused_on = os.environ.get("MEGATRON_SR_FUSED", "1") != "0"
     # Fast path for a chunk list seen before (same tensors, sizes, dtypes, offsets): one C++ pass computes
@@ -64,18 +50,16 @@ def adamw_step_(
     plan = fused.cached_plan(chunks) if fused_on else None
     if plan is not None:
         plan.step(scalars=scalars, step=step, consts=consts, stochastic=rounding is Rounding.STOCHASTIC, key=key)
-        last_path = "fused"
-        return
+        return "fused"
     live = [c for c in chunks if c.param.numel() > 0]
     if not live:
-        return
+        return None
     reason = fused_unusable_reason(live, scalars)
     if reason is None:
         try:
             fused.build_plan(chunks, live).step(scalars=scalars, step=step, consts=consts,
                                                 stochastic=rounding is Rounding.STOCHASTIC, key=key)
-            last_path = "fused"
-            return
+            return "fused"
         except fused.FusedUnavailable as exc:
             reason = str(exc)
     _warn_once(f"megatron_sr: fused SR AdamW kernel not used ({reason}); running the PyTorch reference")
@@ -84,7 +68,7 @@ def adamw_step_(
         _reference_for(c.param.device)(
             c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step_int, consts=consts,
             weight_decay=c.weight_decay, rounding=rounding, key=key, base_index=c.base_index)
-    last_path = "reference"
+    return "reference"
 
 
 def fused_unusable_reason(chunks: list[AdamWChunk], scalars: torch.Tensor) -> str | None:

@@ -45,7 +45,7 @@ class SRKey:
     k1: int
 
     @classmethod
-    def from_seed(cls, seed: int, tp_rank: int = 0, pp_rank: int = 0) -> "SRKey":
+    def from_seed(cls, seed: int, tp_rank: int = 0, pp_rank: int = 0) -> SRKey:
         if not (0 <= tp_rank < 1 << 16 and 0 <= pp_rank < 1 << 16):
             raise ValueError(f"tp_rank and pp_rank must be in [0, 65536), got {tp_rank}, {pp_rank}")
         seed &= (1 << 64) - 1

@@ -1,37 +1,31 @@
-"""The single-process AdamW optimizer in the four precision modes (design.md section 1).
-
-| mode     | params        | grads the step reads          | states          | update                          |
-|----------|---------------|-------------------------------|-----------------|---------------------------------|
-| bf16-sr  | BF16          | BF16 .grad (or FP32 main_grad)| FP32 (or BF16)  | FP32 math, stochastic rounding  |
-| bf16     | BF16          | like bf16-sr                  | like bf16-sr    | FP32 math, round to nearest     |
-| bf16-mp  | BF16 + FP32 master | FP32 main_grad           | FP32            | on the master, then cast to BF16|
-| fp32     | FP32          | FP32 .grad                    | FP32            | plain FP32                      |
+"""The single-process AdamW optimizer in the four precision modes (megatron_sr/precision.py).
 
 FP32 main grads (bf16-mp, or --grad-dtype fp32) are accumulated over micro-batches by a
 post-accumulate-grad hook that adds each BF16 .grad into the FP32 buffer and frees it, so the BF16
 gradient of one micro-batch never sums with another's in BF16.
 
 One `step()`: global grad norm (NaN/Inf: skip and report), clipping, then `dispatch.adamw_step_`
-per SR key with each parameter's canonical stream index (parallel/sr_streams.py).
-The interface (step -> StepResult, zero_grad, state_dict, load_state_dict, `lr`) is shared with
-megatron_sr.distributed.DistributedOptimizer.
+per SR key with each parameter's canonical stream index (optimizer/sr_streams.py).
+The interface (step -> StepResult, zero_grad, state_dict, load_state_dict, `lr`, `seed`) is shared with
+megatron_sr.distributed.DistributedOptimizer; both take the trainer's OptimizerConfig.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..parallel.grad_norm import global_grad_norm
-from ..parallel.sr_streams import assign_sr_streams, sr_key_for
+from ..config import OptimizerConfig
+from ..parallel.grad_norm import clip_grads_, global_grad_norm
+from ..precision import precision_mode
 from .adamw_reference import AdamWConstants, step_scalars
-from .dispatch import AdamWChunk, adamw_step_
+from .chunks import AdamWChunk, group_by_sr_key, weight_decay_for
+from .dispatch import adamw_step_
+from .sr_streams import check_sr_streams
 
 STATE_FORMAT = "megatron_sr.sr_adamw/1"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -39,36 +33,32 @@ class StepResult:
     updated: bool
     grad_norm: float
     skipped: bool  # NaN/Inf in the gradients: no update
+    path: str | None = None  # which AdamW ran: "fused" (the CUDA kernel) or "reference"
 
 
 class SRAdamW:
-    def __init__(self, model_chunks: list[nn.Module], *, lr: float, weight_decay: float = 0.0,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, clip_grad: float = 0.0,
-                 precision: str = "bf16-sr", seed: int = 1234, state_dtype: str = "fp32", grad_dtype: str = "bf16"):
-        if precision not in ("bf16-sr", "bf16", "bf16-mp", "fp32"):
-            raise ValueError(f"precision must be bf16-sr, bf16, bf16-mp or fp32, got {precision!r}")
-        self.lr, self.weight_decay, self.clip_grad = lr, weight_decay, clip_grad
-        self.beta1, self.beta2, self.seed, self.precision = beta1, beta2, seed, precision
-        self.consts = AdamWConstants.make(beta1, beta2, eps)
-        self.rounding = "stochastic" if precision == "bf16-sr" else "nearest"
+    def __init__(self, model_chunks: list[nn.Module], config: OptimizerConfig, *, seed: int):
+        mode = precision_mode(config.precision)
+        self.config, self.precision, self.seed = config, config.precision, seed
+        self.lr = config.lr
+        self.consts = AdamWConstants.make(config.adam_beta1, config.adam_beta2, config.adam_eps)
+        self.rounding = mode.rounding
         self.step_count = 0  # updates applied; the SR stream's step counter
         named = [(n, p) for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()]
         self.names = [n if len(model_chunks) == 1 else f"chunk{i}.{n}" for i, (n, _) in enumerate(named)]
         self.params = [p for _, p in named]
-        if any(not hasattr(p, "sr_index_base") for p in self.params):
-            assign_sr_streams(model_chunks)
-        want = torch.float32 if precision == "fp32" else torch.bfloat16
+        check_sr_streams(zip(self.names, self.params))
         for name, p in zip(self.names, self.params):
-            if p.dtype != want:
-                raise ValueError(f"parameter {name} is {p.dtype}; --precision {precision} needs {want}")
+            if p.dtype != mode.param_dtype:
+                raise ValueError(f"parameter {name} is {p.dtype}; --precision {mode.name} needs {mode.param_dtype}")
 
-        state = torch.float32 if precision in ("bf16-mp", "fp32") else _DTYPES[state_dtype]
+        state = mode.state_dtype(config.optimizer_state_dtype)
         self.exp_avg = [torch.zeros_like(p, dtype=state) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, dtype=state) for p in self.params]
-        self.master = ([p.detach().float().clone() for p in self.params] if precision == "bf16-mp" else None)
+        self.master = [p.detach().float().clone() for p in self.params] if mode.fp32_master else None
         self.main_grads = None
         self._unused_grads: dict[int, torch.Tensor] = {}
-        if precision == "bf16-mp" or (precision in ("bf16-sr", "bf16") and grad_dtype == "fp32"):
+        if mode.param_dtype != torch.float32 and mode.grad_dtype(config.grad_dtype) == torch.float32:
             self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             for p, buf in zip(self.params, self.main_grads):
                 p.register_post_accumulate_grad_hook(_accumulate_into(buf))
@@ -102,31 +92,26 @@ class SRAdamW:
         norm = float(self.grad_norm())
         if not torch.isfinite(torch.tensor(norm)):
             return StepResult(updated=False, grad_norm=norm, skipped=True)
-        if self.clip_grad > 0:
-            coef = self.clip_grad / (norm + 1e-6)
-            if coef < 1.0:
-                for g in grads:
-                    if g is not None:
-                        g.mul_(coef)
+        clip_grads_(grads, norm, self.config.clip_grad)
         self.step_count += 1
         device = self.params[0].device
-        scalars = step_scalars(self.lr, self.step_count, self.beta1, self.beta2, device)
-        groups: dict[object, list[AdamWChunk]] = defaultdict(list)
+        scalars = step_scalars(self.lr, self.step_count, self.config.adam_beta1, self.config.adam_beta2, device)
+        pieces = []
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:  # a parameter that took no part in the loss: one persistent zero gradient
                 g = self._unused_grads.setdefault(i, torch.zeros_like(p))
             target = self.master[i] if self.master is not None else p.data
-            wd = self.weight_decay if p.dim() > 1 else 0.0  # no decay on biases and norm weights
-            groups[sr_key_for(p, self.seed)].append(AdamWChunk(
-                target.view(-1), g.reshape(-1), self.exp_avg[i].view(-1), self.exp_avg_sq[i].view(-1),
-                p.sr_index_base, wd))
-        for key, chunks in groups.items():
-            adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
-                        rounding=self.rounding, key=key)
+            pieces.append((p, AdamWChunk(target.view(-1), g.reshape(-1), self.exp_avg[i].view(-1),
+                                         self.exp_avg_sq[i].view(-1), p.sr_index_base,
+                                         weight_decay_for(p, self.config.weight_decay))))
+        path = None
+        for key, chunks in group_by_sr_key(pieces, self.seed).items():
+            path = adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+                               rounding=self.rounding, key=key) or path
         if self.master is not None:
             for p, m in zip(self.params, self.master):
                 p.data.copy_(m)  # round to nearest BF16, Megatron's bf16-mp
-        return StepResult(updated=True, grad_norm=norm, skipped=False)
+        return StepResult(updated=True, grad_norm=norm, skipped=False, path=path)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held for params, grads and optimizer states (FP32 master counted as a state), from the tensors."""

@@ -30,9 +30,16 @@ from torch import nn
 
 from . import parallel_state as ps
 from .cross_entropy import VocabParallelCrossEntropy
-from .mappings import (_all_reduce, copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
-                       gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
-                       reduce_scatter_to_sequence_parallel_region, scatter_to_tensor_model_parallel_region)
+from .mappings import (
+    _all_reduce,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from .partition import partition
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -44,10 +51,8 @@ def mark_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
 
 
 def _tp_slice(full: torch.Tensor, dim: int) -> torch.Tensor:
-    size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if full.shape[dim] % size:
-        raise ValueError(f"dimension {full.shape[dim]} is not divisible by the tensor-parallel size {size}")
-    return full.chunk(size, dim=dim)[rank].contiguous()
+    return partition(full, dim, ps.get_tensor_model_parallel_world_size(),
+                     ps.get_tensor_model_parallel_rank()).contiguous()
 
 
 def _make_weight(shape: tuple[int, ...], dim: int, init_method: InitMethod, dtype: torch.dtype) -> nn.Parameter:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
-
+from .partition import partition
 
 # torch >= 2.12 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single.
 _reduce_scatter_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -45,9 +45,7 @@ def _split(x: torch.Tensor, dim: int) -> torch.Tensor:
     size, rank, _ = _tp()
     if size == 1:
         return x
-    if x.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the tensor-parallel size {size}")
-    return x.chunk(size, dim=dim)[rank].contiguous()
+    return partition(x, dim, size, rank).contiguous()
 
 
 def _gather(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ With pp > 1 the first stage holds the word embedding and the last stage a copy u
 (`param.shared_embedding_copy = True`). They start equal (the copy is overwritten with the first
 stage's weight) and stay equal because after every backward both hold the *sum* of the two stages'
 gradients (one all-reduce over the embedding group), and the SR update draws the same random bits for
-both (megatron_sr/parallel/sr_streams.py), so the two BF16 copies are updated identically.
-The first stage's parameter is found by `param.shared_embedding = True` (set by the model).
+both (megatron_sr/optimizer/sr_streams.py), so the two BF16 copies are updated identically.
+The first stage's parameter is found by `param.shared_embedding = True` (set by `mark_tied_embeddings`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ def tied_embedding_params(module: nn.Module) -> list[nn.Parameter]:
     """This stage's parameters that take part in the tied-embedding sync (empty on middle stages)."""
     return [p for p in module.parameters()
             if getattr(p, "shared_embedding", False) or getattr(p, "shared_embedding_copy", False)]
+
+
+def mark_tied_embeddings(model: nn.Module) -> list[nn.Parameter]:
+    """Mark the first stage's word embedding `shared_embedding` (pp > 1, tied); returns this stage's tied params."""
+    if ps.get_pipeline_model_parallel_world_size() > 1 and getattr(model, "tied", False) \
+            and getattr(model, "pre_process", False):
+        model.embedding.word_embeddings.weight.shared_embedding = True
+    return tied_embedding_params(model)
 
 
 def _needs_sync() -> bool:

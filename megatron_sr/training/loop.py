@@ -1,8 +1,9 @@
 """The training loop: iterations of forward/backward over the global batch, LR, optimizer step, logging,
 validation, checkpoints, and a checkpoint on SIGTERM.
 
-The loop knows nothing about parallelism: it is handed model chunks, an optimizer with the
-step()/zero_grad()/state_dict() interface, an LR scheduler and a forward_backward_func.
+The loop knows nothing about parallelism: it runs a Trainer (training/setup.py: model chunks, an
+optimizer with the step()/zero_grad() interface, an LR scheduler, a forward_backward and save) and
+reports to an Observer (training/observer.py).
 """
 
 from __future__ import annotations
@@ -12,22 +13,16 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..config import Config
+from ..checkpoint import TrainState
 from ..parallel.parallel_state import any_rank
-from .checkpointing import TrainState, save_checkpoint
-from .schedules import average_losses
+from .forward_backward import average_losses
+from .observer import Observer
 from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops
-
-
-def log(message: str) -> None:
-    """Rank-0 printing goes through here."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, flush=True)
 
 
 class SigtermHandler:
@@ -65,29 +60,29 @@ def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator
     return average_losses(losses)
 
 
-def _log_validation(tag: str, iteration: int, loss: float, writer) -> None:
+def log_validation(observer: Observer, tag: str, iteration: int, loss: float, writer) -> None:
     ppl = math.exp(min(20.0, loss))
     line = f" {tag} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
-    log("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
+    observer.log("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
     if writer is not None:
         writer.add_scalar(f"{tag} lm loss", loss, iteration)
         writer.add_scalar(f"{tag} lm loss ppl", ppl, iteration)
 
 
-def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forward_backward_func: Callable,
-          train_iterator: Iterator, valid_iterator: Iterator | None, state: TrainState,
-          save_fn: Callable[[TrainState], None] | None = None, writer=None) -> LoopResult:
+def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, state: TrainState,
+          observer: Observer, writer=None) -> LoopResult:
+    """Iterations from `state` to --train-iters (or a stop); checkpoints to --save when it is set."""
+    cfg, model_chunks, optimizer, scheduler = trainer.cfg, trainer.model_chunks, trainer.optimizer, trainer.scheduler
+    forward_backward_func, log = trainer.forward_backward, observer.log
     t, m = cfg.training, cfg.model
-    dp = cfg.parallel.data_parallel_size
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    device = next(model_chunks[0].parameters()).device
+    num_microbatches = trainer.num_microbatches
+    device = trainer.device
     flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
                                 model_chunks[0].vocab_size, m.recompute_activations)
     model_flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
                                       model_chunks[0].vocab_size, False)
     world = cfg.parallel.world_size
     peak = peak_bf16_tflops(device)
-    save_fn = save_fn or (lambda s: None)
     sigterm = SigtermHandler()
     train_losses, valid_losses, window = [], [], []
     reason = "done"
@@ -100,12 +95,14 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
             lr = scheduler.step(state.iteration + 1)
             optimizer.zero_grad()
             losses = forward_backward_func(model_chunks, train_iterator, num_microbatches, False)
+            observer.on_gradients(state.iteration + 1, trainer)
             result = optimizer.step()
             state.iteration += 1
             state.consumed_train_samples += t.global_batch_size
             if result.skipped:
                 state.skipped_iters += 1
             loss = average_losses(losses)
+            observer.on_step(state.iteration, loss, result)
             train_losses.append(loss)
             window.append(loss)
             iters_in_window += 1
@@ -135,7 +132,7 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
             if valid_iterator is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 vloss = evaluate(model_chunks, forward_backward_func, valid_iterator, t.eval_iters, num_microbatches)
                 valid_losses.append((state.iteration, vloss))
-                _log_validation("validation", state.iteration, vloss, writer)
+                log_validation(observer, "validation", state.iteration, vloss, writer)
                 timer = time.perf_counter()
             # Stop decisions are collective (any_rank): a rank that left the loop alone would leave the
             # others waiting in the next iteration's collectives. The interval test is the same everywhere.
@@ -146,8 +143,8 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
                 stop = "exit-interval"
             elif t.exit_duration_in_mins and any_rank(time.perf_counter() - start > 60 * t.exit_duration_in_mins):
                 stop = "exit-duration"
-            if stop or (t.save_interval and state.iteration % t.save_interval == 0):
-                save_fn(state)
+            if t.save and (stop or (t.save_interval and state.iteration % t.save_interval == 0)):
+                save(trainer, state, observer)
                 timer = time.perf_counter()
             if stop:
                 reason = stop
@@ -159,12 +156,6 @@ def train(cfg: Config, model_chunks: list[nn.Module], optimizer, scheduler, forw
     return LoopResult(state, train_losses, valid_losses, reason)
 
 
-def make_save_fn(cfg: Config, model_chunks, optimizer) -> Callable[[TrainState], None] | None:
-    if not cfg.training.save:
-        return None
-
-    def save(state: TrainState) -> None:
-        path = save_checkpoint(cfg.training.save, state, model_chunks, optimizer, cfg.to_dict())
-        log(f" saved checkpoint at iteration {state.iteration} to {path}")
-
-    return save
+def save(trainer, state: TrainState, observer: Observer) -> None:
+    path = trainer.save(state)
+    observer.log(f" saved checkpoint at iteration {state.iteration} to {path}")

@@ -22,14 +22,26 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (FORMAT, LATEST, SINGLE_FILE, atomic_torch_save, atomic_write_text, iteration_dir, mp_rank_dir,
-                         read_metadata)
-from .distributed_optimizer import STATE_FORMAT, merge_state_dicts
+from ..distributed.distributed_optimizer import STATE_FORMAT, merge_state_dicts
+from ..model import padded_vocab_size
+from ..parallel.partition import partition
+from .layout import (
+    SHARDED_FORMAT,
+    SINGLE_FILE,
+    SINGLE_FORMAT,
+    atomic_torch_save,
+    atomic_write_text,
+    iteration_dir,
+    mp_rank_dir,
+    publish_iteration,
+    read_metadata,
+    resolve_iteration_dir,
+    staging_dir,
+)
 
 # transformer layers: a ModuleList named `decoder` (megatron_sr/model/gpt.py) or `layers` (Megatron)
 LAYER = re.compile(r"^(.*?\b(?:decoder|layers)\.)(\d+)(\..*)$")
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
-SINGLE_FORMAT = "megatron_sr.single/1"
 
 
 @dataclass
@@ -51,16 +63,6 @@ class FullModel:
     @property
     def num_layers(self) -> int:
         return len({int(LAYER.match(n).group(2)) for n, s in self.section.items() if s == "layer"})
-
-
-def resolve_iteration_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "metadata.json").exists() or (path / SINGLE_FILE).exists():
-        return path
-    latest = path / LATEST
-    if not latest.exists():
-        raise FileNotFoundError(f"{path}: neither a checkpoint iteration directory nor a root with {LATEST}")
-    return iteration_dir(path, int(latest.read_text().strip()))
 
 
 def _states_by_name(shard_dir: Path, local: dict[str, torch.Tensor]) -> tuple[dict, int, float]:
@@ -213,11 +215,7 @@ def split_stage_names(full: FullModel, pp: int) -> list[list[tuple[str, str]]]:
 
 
 def _tp_slice(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
-    if dim < 0:
-        return t.clone()
-    if t.shape[dim] % tp:
-        raise ValueError(f"dimension {t.shape[dim]} does not divide by tensor-parallel size {tp}")
-    return t.chunk(tp, dim=dim)[rank].clone()
+    return t.clone() if dim < 0 else partition(t, dim, tp, rank).clone()
 
 
 def rank_shard(full: FullModel, names: list[tuple[str, str]], tp: int, t: int) -> tuple[dict, dict | None]:
@@ -254,8 +252,7 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
     final = iteration_dir(root, full.iteration)
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose an empty output directory")
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(final)
     for p, names in enumerate(split_stage_names(full, pp)):
         for t in range(tp):
             shard_dir = tmp / mp_rank_dir(t, p, pp)
@@ -264,12 +261,11 @@ def write_checkpoint(full: FullModel, root: str | Path, *, tp: int, pp: int, dp:
             atomic_torch_save(dict(shard, pp_rank=p, pp=pp), shard_dir / "model.pt")
             if optim is not None:
                 atomic_torch_save(optim, shard_dir / "optim_dp_000.pt")
-    meta = {"format": FORMAT, "iteration": full.iteration, "tp": tp, "pp": pp, "dp": dp,
+    meta = {"format": SHARDED_FORMAT, "iteration": full.iteration, "tp": tp, "pp": pp, "dp": dp,
             "distributed_optimizer": distributed_optimizer}
     atomic_write_text(json.dumps(meta, indent=1), tmp / "metadata.json")
     atomic_torch_save(full.common, tmp / "common.pt")
-    tmp.rename(final)
-    atomic_write_text(f"{full.iteration}\n", root / LATEST)
+    publish_iteration(tmp, final, full.iteration)
     return final
 
 
@@ -311,8 +307,7 @@ def padded_vocab_for(common: dict, tp: int) -> int | None:
     model = (common.get("config") or {}).get("model") if isinstance(common, dict) else None
     if not isinstance(model, dict) or not model.get("vocab_size"):
         return None
-    multiple = int(model.get("make_vocab_size_divisible_by", 128)) * tp
-    return -(-int(model["vocab_size"]) // multiple) * multiple
+    return padded_vocab_size(int(model["vocab_size"]), int(model.get("make_vocab_size_divisible_by", 128)), tp)
 
 
 def repad_vocab(full: FullModel, padded: int) -> int:

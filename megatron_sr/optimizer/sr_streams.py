@@ -1,7 +1,7 @@
 """Which part of the SR random stream each parameter draws from.
 
 Every optimizer (single-process, data-parallel, distributed) reads two attributes that this module
-sets once, after the model is built:
+sets once, after the model is built (training/setup.py; the optimizers refuse parameters without them):
 - `param.sr_index_base`: the canonical stream index of the parameter's first element, the running
   sum of numels over the model chunks' parameters in order. It never depends on buffer layout,
   bucketing or data-parallel sharding, so a shard's update is exactly a slice of the full update.
@@ -18,8 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..optimizer.philox import SRKey
-from . import parallel_state as ps
+from ..parallel import parallel_state as ps
+from .philox import SRKey
 
 
 def assign_sr_streams(model_chunks: Iterable[nn.Module]) -> None:
@@ -41,3 +41,11 @@ def sr_key_for(param: torch.Tensor, seed: int) -> SRKey:
     """The Philox key of a parameter whose streams were assigned by `assign_sr_streams`."""
     tp_rank, pp_rank = getattr(param, "sr_key_ranks", (0, 0))
     return SRKey.from_seed(seed, tp_rank=tp_rank, pp_rank=pp_rank)
+
+
+def check_sr_streams(named_params) -> None:
+    """ValueError naming the first parameter whose stream was never assigned."""
+    for name, param in named_params:
+        if not hasattr(param, "sr_index_base"):
+            raise ValueError(f"parameter {name} has no SR stream: call "
+                             "megatron_sr.optimizer.sr_streams.assign_sr_streams(model_chunks) before the optimizer")

@@ -10,55 +10,37 @@
 model.pt = {"model": {name: tensor}, "params": {name: {"partition_dim", "shared_embedding_copy"}},
 "tp_rank", "pp_rank", "tp", "pp"}. Optimizer states are stored per named parameter piece
 (distributed_optimizer.state_dict), so a checkpoint loads at any dp size; at another tp or pp each
-rank reshards it on the fly (convert.py), or tools/convert_checkpoint.py converts it offline. Saving is atomic: all ranks write into iter_XXXXXXX.tmp, then
-rank 0 renames it and replaces the `latest` file, so a crash never leaves a half-written iteration.
+rank reshards it on the fly (convert.py), or tools/convert_checkpoint.py converts it offline. Saving is
+atomic: all ranks write into the staging directory, then rank 0 renames it in and replaces the `latest`
+file (layout.py), so a crash never leaves a half-written iteration.
 A shared filesystem is assumed across nodes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed.data_parallel import DistributedDataParallel
+from ..distributed.distributed_optimizer import DistributedOptimizer
 from ..parallel import parallel_state as ps
-from .data_parallel import DistributedDataParallel
-from .distributed_optimizer import DistributedOptimizer
-
-FORMAT = "megatron_sr.checkpoint/1"
-LATEST = "latest_checkpointed_iteration.txt"
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """Megatron's name: mp_rank_TT without pipeline parallelism, mp_rank_TT_PPP with it."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def my_mp_rank_dir() -> str:
-    return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                       ps.get_pipeline_model_parallel_world_size())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from .convert import resharded_for_rank
+from .layout import (
+    LATEST,
+    SHARDED_FORMAT,
+    atomic_torch_save,
+    atomic_write_text,
+    iteration_dir,
+    my_mp_rank_dir,
+    publish_iteration,
+    read_latest_iteration,
+    read_metadata,
+    staging_dir,
+)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -97,10 +79,9 @@ def save_checkpoint(root: str | Path, iteration: int, model: nn.Module, optimize
     """Collective: every rank calls it. Returns the final iteration directory."""
     root = Path(root)
     final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(f".{final.name}.tmp")
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staging_dir(final)
     _barrier()
     dp_rank = ps.get_data_parallel_rank()
     shard_dir = tmp / my_mp_rank_dir()
@@ -114,46 +95,14 @@ def save_checkpoint(root: str | Path, iteration: int, model: nn.Module, optimize
         atomic_torch_save(rank_state, shard_dir / f"rank_dp_{dp_rank:03d}.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"format": FORMAT, "iteration": iteration, "tp": ps.get_tensor_model_parallel_world_size(),
+        meta = {"format": SHARDED_FORMAT, "iteration": iteration, "tp": ps.get_tensor_model_parallel_world_size(),
                 "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
                 "distributed_optimizer": bool(sharded)}
         atomic_write_text(json.dumps(meta, indent=1), tmp / "metadata.json")
         atomic_torch_save(common or {}, tmp / "common.pt")
-        if final.exists():  # re-saving an iteration: move the old one away before the rename
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        atomic_write_text(f"{iteration}\n", root / LATEST)
+        publish_iteration(tmp, final, iteration)
     _barrier()
     return final
-
-
-def read_latest_iteration(root: str | Path) -> int | None:
-    path = Path(root) / LATEST
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
-    return int(text)
-
-
-SINGLE_FILE = "mp_rank_00/model_optim_rng.pt"  # the single-process trainer's file (training/checkpointing.py)
-
-
-def read_metadata(directory: Path) -> dict:
-    path = directory / "metadata.json"
-    if not path.exists() and (directory / SINGLE_FILE).exists():  # saved by a one-process run
-        return {"format": FORMAT, "iteration": int(directory.name.split("_")[-1]), "tp": 1, "pp": 1, "dp": 1,
-                "distributed_optimizer": False, "single_process": True}
-    if not path.exists():
-        raise FileNotFoundError(f"{directory}: not a megatron-sr checkpoint (no metadata.json)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: expected format {FORMAT}, got {meta.get('format')!r}")
-    return meta
 
 
 def load_model_shard(model: nn.Module, shard: dict, source: str) -> None:
@@ -232,8 +181,6 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
                              "convert it with tools/convert_checkpoint.py")
         # Another tp/pp layout: every rank reads the whole checkpoint and cuts out its part (memory: one
         # full model + states per rank; for large models convert offline with tools/convert_checkpoint.py).
-        from .convert import resharded_for_rank
-
         named = list(_unwrap(model).named_parameters())
         copies = [n for n, p in named if getattr(p, "shared_embedding_copy", False)]
         dims = {n: int(getattr(p, "partition_dim", -1)) for n, p in named}  # for a one-process checkpoint

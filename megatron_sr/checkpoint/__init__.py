@@ -1,0 +1,50 @@
+"""Checkpoints: the only package that writes or reads checkpoint files.
+
+- layout.py: directory and file names, format tags, the `latest` file, atomic writes, metadata, TrainState;
+- rng.py: the random streams a bitwise resume restores;
+- single.py: the one-process format (one file per iteration);
+- sharded.py: one shard per rank (torchrun), loadable at any dp size and resharded at another tp/pp;
+- convert.py: merge any layout to whole tensors and split them for another (tools/convert_checkpoint.py);
+- export.py: the single-file model for inference (tools/generate.py).
+
+The trainer calls `save_checkpoint` / `load_checkpoint` below; the optimizer type picks the format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..distributed.distributed_optimizer import DistributedOptimizer
+from . import sharded, single
+from .layout import LATEST, TrainState, iteration_dir, read_latest_iteration
+from .rng import rng_state, set_rng_state
+
+__all__ = ["LATEST", "TrainState", "save_checkpoint", "load_checkpoint", "read_latest_iteration"]
+
+
+def save_checkpoint(save_dir: str | Path, state: TrainState, model_chunks: list[nn.Module], optimizer,
+                    config: dict) -> Path:
+    """Write iteration `state.iteration` (collective under torchrun); returns its directory."""
+    if isinstance(optimizer, DistributedOptimizer):
+        common = {"consumed_train_samples": state.consumed_train_samples, "skipped_iters": state.skipped_iters,
+                  "config": config}
+        return sharded.save_checkpoint(save_dir, state.iteration, model_chunks[0], optimizer, common=common,
+                                       rank_state=rng_state())
+    return single.save_checkpoint(save_dir, state, model_chunks, optimizer, config)
+
+
+def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimizer) -> tuple[TrainState, dict] | None:
+    """Restore the latest checkpoint of any format into the built model and optimizer: (state, saved config),
+    or None when `load_dir` holds none yet."""
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        return None
+    if isinstance(optimizer, DistributedOptimizer) or (iteration_dir(load_dir, iteration) / "metadata.json").is_file():
+        it, common, rank_state = sharded.load_checkpoint(load_dir, model_chunks[0], optimizer, iteration=iteration)
+        if rank_state is not None:  # same layout: resume the random streams too
+            set_rng_state(rank_state)
+        return (TrainState(it, common.get("consumed_train_samples", 0), common.get("skipped_iters", 0)),
+                common.get("config", {}))
+    return single.load_checkpoint(load_dir, model_chunks, optimizer, iteration)

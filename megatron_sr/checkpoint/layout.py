@@ -1,0 +1,124 @@
+"""The checkpoint directory: Megatron's names, the format tags, the `latest` file, atomic writes, the train state.
+
+    SAVE/latest_checkpointed_iteration.txt                 "10"
+    SAVE/iter_0000010/mp_rank_TT[_PPP]/...                 one directory per (tp, pp) rank (PPP with pp > 1)
+
+Every checkpoint file is written under a temporary name and renamed; an iteration directory is filled
+under a temporary name and renamed in (an existing one is moved aside first and deleted only after the
+rename); `latest` is replaced last. A crash at any point leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..parallel import parallel_state as ps
+
+LATEST = "latest_checkpointed_iteration.txt"
+SINGLE_FORMAT = "megatron_sr.single/1"  # one process: SAVE/iter_X/mp_rank_00/model_optim_rng.pt (single.py)
+SHARDED_FORMAT = "megatron_sr.checkpoint/1"  # a shard per rank plus metadata.json (sharded.py)
+EXPORT_FORMAT = "megatron_sr.export/1"  # one file with the whole model, for inference (export.py)
+SINGLE_FILE = "mp_rank_00/model_optim_rng.pt"
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iters: int = 0
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron's name: mp_rank_TT without pipeline parallelism, mp_rank_TT_PPP with it."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def my_mp_rank_dir() -> str:
+    """This process's mp_rank directory name, from parallel_state."""
+    return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                       ps.get_pipeline_model_parallel_world_size())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging_dir(final: Path) -> Path:
+    """The temporary name an iteration directory is filled under (emptied if a crash left one)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_iteration(tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the filled `tmp` to `final` (re-saving an iteration replaces it) and point `latest` at it."""
+    if final.exists():  # move the old one aside first: `latest` may name it until the new one is in place
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(str(iteration), final.parent / LATEST)
+
+
+def read_latest_iteration(root: str | Path) -> int | None:
+    """The iteration `latest` names (Megatron's "release" reads as 0), None when there is no `latest` file."""
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if text == "release":
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
+    return int(text)
+
+
+def resolve_iteration_dir(path: str | Path) -> Path:
+    """An iter_XXXXXXX directory as given, or the one a root's `latest` file names."""
+    path = Path(path)
+    if (path / "metadata.json").exists() or (path / SINGLE_FILE).exists():
+        return path
+    iteration = read_latest_iteration(path)
+    if iteration is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint iteration directory nor a root with {LATEST}")
+    return iteration_dir(path, iteration)
+
+
+def read_metadata(directory: Path) -> dict:
+    path = directory / "metadata.json"
+    if not path.exists() and (directory / SINGLE_FILE).exists():  # saved by a one-process run
+        return {"format": SHARDED_FORMAT, "iteration": int(directory.name.split("_")[-1]), "tp": 1, "pp": 1, "dp": 1,
+                "distributed_optimizer": False, "single_process": True}
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not a megatron-sr checkpoint (no metadata.json)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != SHARDED_FORMAT:
+        raise ValueError(f"{path}: expected format {SHARDED_FORMAT}, got {meta.get('format')!r}")
+    return meta

@@ -1,0 +1,54 @@
+"""The train / validation / test data iterators of a run (Megatron's sample counts and cycling)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..parallel import parallel_state as ps
+from .mock_data import MockGPTDataset
+
+
+def num_samples(cfg: Config) -> tuple[int, int, int]:
+    t = cfg.training
+    evals = (t.train_iters // t.eval_interval if t.eval_interval else 0) + 1
+    return (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
+            t.eval_iters * t.global_batch_size)
+
+
+def build_datasets(cfg: Config):
+    n = num_samples(cfg)
+    if cfg.data.mock_data:
+        return tuple(MockGPTDataset(k, cfg.model.seq_length, cfg.model.vocab_size, cfg.training.seed, split=i)
+                     for i, k in enumerate(n))
+    from ..data import build_gpt_datasets
+
+    return build_gpt_datasets(cfg.data.data_path, cfg.data.split, cfg.model.seq_length, cfg.training.seed, n,
+                              cache_dir=cfg.data.data_cache_path)
+
+
+def build_iterators(cfg: Config, consumed_train_samples: int):
+    """(train, valid, test) iterators for this dp rank; train resumes after `consumed_train_samples`."""
+    from ..data import build_pretraining_data_loader
+
+    t = cfg.training
+    dp_rank, dp_size = ps.get_data_parallel_rank(), cfg.parallel.data_parallel_size
+    loaders = [build_pretraining_data_loader(ds, consumed, t.micro_batch_size, dp_rank, dp_size,
+                                             cfg.data.num_workers)
+               for ds, consumed in zip(build_datasets(cfg), (consumed_train_samples, 0, 0))]
+    train_it = _quiet_iter(loaders[0]) if loaders[0] is not None else None
+    # Validation and test cycle over their datasets, as in Megatron.
+    other = [_cycle(ld) if ld is not None else None for ld in loaders[1:]]
+    return train_it, other[0], other[1]
+
+
+def _quiet_iter(loader):
+    # A DataLoader iterator draws a base seed from torch's global generator, which dropout also uses;
+    # fork it so that making an iterator (at a resume, or a validation epoch) never shifts dropout's stream.
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
+def _cycle(loader):
+    while True:
+        yield from _quiet_iter(loader)
