@@ -60,7 +60,7 @@ class OptimizerConfig:
     adam_beta1: float = _opt(0.9, "Adam beta1")
     adam_beta2: float = _opt(0.999, "Adam beta2")
     adam_eps: float = _opt(1e-8, "Adam epsilon")
-    precision: str = _opt("bf16-sr", "precision mode (design.md section 1)", PRECISIONS)
+    precision: str = _opt("bf16-sr", "precision mode (megatron_sr/precision.py)", PRECISIONS)
     optimizer_state_dtype: str = _opt("fp32", "dtype of Adam's m and v", ("fp32", "bf16"))
     grad_dtype: str = _opt("bf16", "gradient dtype in bf16-sr/bf16 (fp32 keeps an FP32 accumulator)", ("bf16", "fp32"))
 

@@ -54,7 +54,7 @@ def decode_like_a_user(data: bytes, fallback: str = "cp1252") -> str:
 
 
 def read_megatron_dataset(prefix: str):
-    """A minimal reader written from the format description (design.md section 4), sharing no code with
+    """A minimal reader written from the format description (docs/data.md), sharing no code with
     megatron_sr.data: returns (dtype code, list of token arrays, document indices)."""
     import struct
     idx = Path(prefix + ".idx").read_bytes()

@@ -1,4 +1,4 @@
-"""Bytes per parameter held on each dp rank, from the real buffers, vs design.md's formulas."""
+"""Bytes per parameter held on each dp rank, from the real buffers, vs the precision table's formulas."""
 
 import importlib.util
 from pathlib import Path

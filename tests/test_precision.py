@@ -1,4 +1,4 @@
-"""Precision modes of SRAdamW: bytes per parameter from the real tensors (design.md table), FP32 grad
+"""Precision modes of SRAdamW: bytes per parameter from the real tensors (megatron_sr/precision.py), FP32 grad
 accumulation, bf16-mp masters, no decay on 1-D params, NaN skip, clipping, wiring to the reference step."""
 
 import pytest
@@ -35,7 +35,7 @@ def backward(model, seed=0, scale=1.0):
     (model(t[:, :-1], labels=t[:, 1:]).mean() * scale).backward()
 
 
-# design.md section 1 (and 2, at dp = 1): bytes per parameter for params, grads, optimizer states
+# megatron_sr/precision.py (and docs/distributed.md at dp = 1): bytes per parameter for params, grads, optimizer states
 # (FP32 master weights count as optimizer state, as in Megatron's accounting).
 TABLE = [
     ("bf16-sr", {}, (2, 2, 8)),

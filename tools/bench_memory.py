@@ -4,7 +4,7 @@
 Measured from the real buffers of DistributedDataParallel + DistributedOptimizer (gloo processes on
 the CPU) for dp = 1, 2, 4, 8, in bf16-sr (BF16 params and grads, FP32 states sharded over dp) and in
 Megatron's bf16-mp baseline (BF16 params, FP32 grads, FP32 master + states sharded over dp), against
-design.md's formulas: bf16-sr = 2 + 2 + 8/dp, bf16-mp = 2 + 4 + 12/dp.
+the precision table's formulas (megatron_sr/precision.py): bf16-sr = 2 + 2 + 8/dp, bf16-mp = 2 + 4 + 12/dp.
 
     python tools/bench_memory.py [--hidden 512 --layers 6 --dp 1 2 4 8 --out bench/results]
 Writes memory_per_param.json and memory_per_param.md under --out.
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Model: {rows[0]['num_params']:,} parameters ({args.layers} MLP blocks, hidden {args.hidden}), "
              "gloo on CPU, measured from the real DDP buffers and optimizer shards after one step "
              "(max over ranks). Command: `python tools/bench_memory.py`.", "",
-             "| precision | dp | params | grads | optimizer states | total | design.md formula |",
+             "| precision | dp | params | grads | optimizer states | total | formula (precision table) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['precision']} | {r['dp']} | {r['params']:.4f} | {r['grads']:.4f} | "

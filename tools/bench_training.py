@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""End-to-end training throughput and peak memory per precision mode (design.md section 7).
+"""End-to-end training throughput and peak memory per precision mode.
 
     python3 tools/bench_training.py                       # GPT-2 350M shape, seq 1024, bf16-sr/bf16-mp/bf16
     python3 tools/bench_training.py --modes bf16-sr --num-layers 2 --hidden-size 128 --iters 3   (smoke test)

@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [  # bottom to top; (floor name, uni
     ("primitives", ("megatron_sr.precision", "megatron_sr.parallel")),  # dtypes, process groups, TP layers
     ("config", ("megatron_sr.config",)),  # the parsed run configuration
     ("data", ("megatron_sr.data",)),  # tokenizers, indexed datasets, samplers
-    ("model", ("megatron_sr.model", "megatron_sr.pipeline", "megatron_sr.optimizer")),  # independent peers
+    ("model/pipeline/optimizer", ("megatron_sr.model", "megatron_sr.pipeline", "megatron_sr.optimizer")),  # peers
     ("distributed", ("megatron_sr.distributed",)),  # DDP grad buffers, distributed optimizer
     ("checkpoint", ("megatron_sr.checkpoint",)),  # saving / loading / converting state
     ("training", ("megatron_sr.training",)),  # the training loop that ties it all together

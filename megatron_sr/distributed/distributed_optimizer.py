@@ -173,7 +173,7 @@ class DistributedOptimizer:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for params, grads and optimizer states (FP32 master included), from the
-        real buffers: the numbers behind design.md's bytes-per-parameter formula."""
+        real buffers: the numbers behind the precision table's bytes per parameter (tools/bench_memory.py)."""
         buf = self.model.buffer
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
         states = size(self.exp_avg) + size(self.exp_avg_sq) + (size(self.master) if self.master is not None else 0)

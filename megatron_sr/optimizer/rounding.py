@@ -1,6 +1,6 @@
 """FP32 -> BF16 rounding: stochastic (add-then-truncate) and round-to-nearest-even.
 
-Stochastic rounding (design.md section 1): with `bits` the FP32 pattern and `r` 16 uniform random
+Stochastic rounding: with `bits` the FP32 pattern and `r` 16 uniform random
 bits, the BF16 result is the top 16 bits of `bits + r`. For |x| this rounds away from zero with
 probability low16(bits) / 2^16, so E[SR(x)] = x; representable values (low16 == 0) are exact; Inf
 stays Inf (the carry never reaches the exponent); NaN is kept NaN explicitly (truncating a NaN whose
