@@ -45,7 +45,15 @@ class ModelConfig:
     hidden_dropout: float = _opt(0.1, "dropout on the residual branches and embeddings")
     attention_dropout: float = _opt(0.1, "dropout on the attention probabilities")
     layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon")
-    recompute_activations: bool = _opt(False, "recompute each transformer layer in backward (saves memory)")
+    recompute_activations: bool = _opt(False, "Megatron's alias for --recompute-granularity selective")
+    recompute_granularity: str | None = _opt(
+        None, "recompute in backward: full (whole layers, see --recompute-method) or selective (the attention core)",
+        ("full", "selective"))
+    recompute_method: str | None = _opt(
+        None, "with full: uniform (every group of --recompute-num-layers layers) or block (the first "
+        "--recompute-num-layers layers of each pipeline stage, the rest not)", ("uniform", "block"))
+    recompute_num_layers: int | None = _opt(None, "with full: layers per recomputed group (uniform) or recomputed "
+                                                  "layers per stage (block)")
 
 
 @dataclass
@@ -229,6 +237,24 @@ def config_from_values(values: dict) -> Config:
     return cfg
 
 
+def _check_recompute(m: ModelConfig, layers_per_stage: int) -> None:
+    """Megatron's rules: --recompute-activations means selective; full needs a method and a layer count."""
+    if m.recompute_activations:
+        m.recompute_granularity = "selective"
+    if m.recompute_granularity is None:
+        if m.recompute_method is not None or m.recompute_num_layers is not None:
+            raise ConfigError("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    elif m.recompute_granularity == "selective":
+        if m.recompute_method is not None or m.recompute_num_layers is not None:
+            raise ConfigError("--recompute-granularity selective takes no --recompute-method/--recompute-num-layers")
+    else:
+        if m.recompute_method is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+        if m.recompute_num_layers is None or not 1 <= m.recompute_num_layers <= layers_per_stage:
+            raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers between 1 and the "
+                              f"{layers_per_stage} layers per pipeline stage, got {m.recompute_num_layers}")
+
+
 def finalize(cfg: Config) -> Config:
     """Fill derived defaults and check consistency (one-line ConfigError naming the flags)."""
     m, o, t, d, p = cfg.model, cfg.optimizer, cfg.training, cfg.data, cfg.parallel
@@ -256,6 +282,7 @@ def finalize(cfg: Config) -> Config:
     if m.num_layers % p.pipeline_model_parallel_size:
         raise ConfigError(f"--num-layers {m.num_layers} is not divisible by "
                           f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+    _check_recompute(m, m.num_layers // p.pipeline_model_parallel_size)
     if p.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
         raise ConfigError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {p.tensor_model_parallel_size}")

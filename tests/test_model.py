@@ -68,8 +68,8 @@ def test_attention_is_causal():
 def test_recompute_gives_the_same_gradients():
     x, y = tokens()
     grads = []
-    for recompute in (False, True):
-        model = GPTModel(tiny(recompute_activations=recompute), seed=5)
+    for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)):
+        model = GPTModel(tiny(**recompute), seed=5)
         model(x, labels=y).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:

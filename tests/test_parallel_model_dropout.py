@@ -2,7 +2,7 @@
 
 Attention dropout (tracked tp stream), residual dropout under sequence parallelism (tracked stream)
 and embedding dropout (default stream) must all be redrawn identically when a layer is recomputed in
-backward, or the gradients silently change. The check: gradients with --recompute-activations equal
+backward, or the gradients silently change. The check: gradients with full-layer recompute equal
 those without, bit for bit, while dropout is really active (they differ from a dropout-free run).
 """
 
@@ -16,11 +16,15 @@ from megatron_sr.parallel import parallel_state as ps
 from megatron_sr.parallel.random import model_parallel_seed
 from megatron_sr.training.setup import apply_sequence_parallel
 
+RECOMPUTE_FULL = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
 
 def _grads(recompute: bool, dropout: float) -> dict:
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=16,
                       max_position_embeddings=16, vocab_size=64, make_vocab_size_divisible_by=32,
-                      hidden_dropout=dropout, attention_dropout=dropout, recompute_activations=recompute)
+                      hidden_dropout=dropout, attention_dropout=dropout,
+                      # whole layers recomputed: every dropout stream (residual, attention, embedding) replays
+                      **(RECOMPUTE_FULL if recompute else {}))
     model = GPTModel(cfg, seed=5)
     apply_sequence_parallel(model)
     model.train()

@@ -9,6 +9,8 @@ the last stage and labels are given, logits when labels are None, else the hidde
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ from ..parallel.random import checkpoint  # torch's, also replaying the tracked 
 from ..precision import precision_mode
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for
-from .transformer import TransformerLayer, layer_norm
+from .transformer import TransformerLayer, layer_norm, recompute_granularity
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -68,7 +70,10 @@ class GPTModel(nn.Module):
                                             ps.get_tensor_model_parallel_world_size())
         num_layers = config.num_layers - layer_offset if num_layers is None else num_layers
         self.layer_offset = layer_offset
-        self.recompute = config.recompute_activations
+        # --recompute-granularity full: which layers run under activation checkpointing (selective
+        # recompute lives inside the attention layer)
+        self.recompute_full = recompute_granularity(config) == "full"
+        self.recompute_method, self.recompute_num_layers = config.recompute_method, config.recompute_num_layers
         self.input_tensor: torch.Tensor | None = None
         self.tied = not config.untie_embeddings_and_output_weights
 
@@ -95,6 +100,19 @@ class GPTModel(nn.Module):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    def _run_layers(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        layers = list(self.decoder)
+        if not (self.recompute_full and self.training and torch.is_grad_enabled()):
+            return _run(layers, h, position_ids)
+        n = self.recompute_num_layers
+        if self.recompute_method == "uniform":  # every group of n layers: keep its input, recompute it
+            for start in range(0, len(layers), n):
+                h = checkpoint(functools.partial(_run, layers[start:start + n]), h, position_ids)
+            return h
+        for i, layer in enumerate(layers):  # block: the first n layers of this stage, the rest not
+            h = checkpoint(layer, h, position_ids) if i < n else layer(h, position_ids)
+        return h
+
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
 
@@ -110,11 +128,7 @@ class GPTModel(nn.Module):
             h = self.input_tensor
             if position_ids is None:
                 position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-        for layer in self.decoder:
-            if self.recompute and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, position_ids)
-            else:
-                h = layer(h, position_ids)
+        h = self._run_layers(h, position_ids)
         if not self.post_process:
             return h
         with cpu_bf16_matmul(h):
@@ -123,6 +137,12 @@ class GPTModel(nn.Module):
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels)
         return loss if loss_mask is None else loss * loss_mask
+
+
+def _run(layers: list[nn.Module], h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        h = layer(h, position_ids)
+    return h
 
 
 def stage_layer_range(num_layers: int, pipeline_size: int, pipeline_rank: int) -> range:

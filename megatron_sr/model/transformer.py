@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
-from ..parallel.random import get_rng_tracker
+from ..parallel.random import checkpoint, get_rng_tracker
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for, output_layer_std
 
@@ -28,6 +28,11 @@ def tp_rng():
 
 def sp_rng():
     return get_rng_tracker().fork() if ps.get_sequence_parallel() else contextlib.nullcontext()
+
+
+def recompute_granularity(config: ModelConfig) -> str | None:
+    """None, "full" or "selective" (Megatron's --recompute-activations is selective)."""
+    return config.recompute_granularity or ("selective" if config.recompute_activations else None)
 
 
 def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm:
@@ -69,6 +74,13 @@ class SelfAttention(nn.Module):
             init_method=init_method_for(seed, f"{prefix}.linear_proj.weight", output_layer_std(std, config.num_layers)))
         self.rotary = (RotaryEmbedding(self.head_dim, config.rotary_base)
                        if config.position_embedding_type == "rope" else None)
+        self.recompute_core = recompute_granularity(config) == "selective"
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax(q k^T / sqrt(d)) v with causal mask and dropout: what selective recompute recomputes."""
+        with tp_rng():  # this rank's heads: its own dropout stream (parallel/random.py)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                  is_causal=True)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         # Weight rows are ordered [q heads | k heads | v heads] of the full layer, so a tp slice of
@@ -79,9 +91,10 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, d]
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
-        with tp_rng():  # this rank's heads: its own dropout stream (parallel/random.py)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                                 is_causal=True)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = checkpoint(self.core, q, k, v)  # replays the dropout streams in backward
+        else:
+            out = self.core(q, k, v)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 

@@ -22,7 +22,7 @@ from ..checkpoint import TrainState
 from ..parallel.parallel_state import any_rank
 from .forward_backward import average_losses
 from .observer import Observer
-from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops
+from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops, recomputed_fraction
 
 
 class SigtermHandler:
@@ -77,10 +77,10 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
     t, m = cfg.training, cfg.model
     num_microbatches = trainer.num_microbatches
     device = trainer.device
-    flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
-                                model_chunks[0].vocab_size, m.recompute_activations)
-    model_flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
-                                      model_chunks[0].vocab_size, False)
+    shape = (t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, model_chunks[0].vocab_size)
+    flops = flops_per_iteration(*shape, recomputed_fraction(m, cfg.parallel.pipeline_model_parallel_size),
+                                selective=m.recompute_granularity == "selective")
+    model_flops = flops_per_iteration(*shape)
     world = cfg.parallel.world_size
     peak = peak_bf16_tflops(device)
     sigterm = SigtermHandler()

@@ -11,11 +11,26 @@ import torch
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0)]
 
 
-def flops_per_iteration(batch: int, seq: int, num_layers: int, hidden: int, vocab: int, recompute: bool) -> float:
-    """Megatron's 24*f*B*s*L*h^2*(1 + s/(6h) + V/(16*L*h)), f = 3 (fwd + bwd) or 4 with recomputation."""
-    factor = 4 if recompute else 3
-    return (24.0 * factor * batch * seq * num_layers * hidden ** 2
-            * (1.0 + seq / (6.0 * hidden) + vocab / (16.0 * num_layers * hidden)))
+def flops_per_iteration(batch: int, seq: int, num_layers: int, hidden: int, vocab: int,
+                        recomputed_layers: float = 0.0, selective: bool = False) -> float:
+    """Megatron's 24*f*B*s*L*h^2*(1 + s/(6h) + V/(16*L*h)) with f = 3 (forward + backward): the model FLOPs.
+
+    Hardware FLOPs add one more forward of what is recomputed: of `recomputed_layers` (a fraction of the
+    layers, --recompute-granularity full) and, with `selective`, of every layer's attention core (s/(6h))."""
+    layer = 24.0 * batch * seq * num_layers * hidden ** 2  # one forward's GEMM unit over all layers
+    core = seq / (6.0 * hidden)
+    model = 3 * layer * (1.0 + core + vocab / (16.0 * num_layers * hidden))
+    return model + layer * (recomputed_layers * (1.0 + core) + (core if selective else 0.0))
+
+
+def recomputed_fraction(model_config, pipeline_size: int = 1) -> float:
+    """The fraction of the layers that --recompute-granularity full recomputes."""
+    if model_config.recompute_granularity != "full":
+        return 0.0
+    if model_config.recompute_method == "uniform":
+        return 1.0
+    layers_per_stage = model_config.num_layers // pipeline_size  # block: the first N layers of each stage
+    return min(1.0, model_config.recompute_num_layers / layers_per_stage)
 
 
 def peak_bf16_tflops(device: torch.device) -> float | None:
