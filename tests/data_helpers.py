@@ -22,7 +22,9 @@ def small_tokenizer_model(vocab_size: int = 1000) -> str:
     if src.is_file():
         docs = [src.read_text(encoding="utf-8")]
     else:
-        docs = [" ".join(f"word{i % 97} text{i % 13}, line {i}." for i in range(20000))]
+        rng = np.random.default_rng(0)  # enough distinct words for a 1000-token BPE vocabulary
+        words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(3000)]
+        docs = [" ".join(words[i % len(words)] + ("," if i % 11 == 0 else "") for i in range(40000))]
     out = Path(tempfile.mkdtemp(prefix="msr_tok_")) / "tok"
     return train_sentencepiece(docs, str(out), vocab_size=vocab_size, model_type="bpe")
 
