@@ -80,6 +80,8 @@ class TrainingConfig:
     train_iters: int = _opt(1000, "iterations to train")
     seed: int = _opt(1234, "seed of the init, dropout and the SR random stream")
     device: str = _opt("auto", "where to train", ("auto", "cpu", "cuda"))
+    torch_compile: str = _opt("auto", "torch.compile the model: auto (on CUDA, not on the CPU), on, off",
+                              ("auto", "on", "off"))
     log_interval: int = _opt(100, "iterations between log lines")
     eval_interval: int = _opt(1000, "iterations between validations (0: only at the end)")
     eval_iters: int = _opt(100, "iterations per validation")

@@ -96,6 +96,12 @@ def build_tokenizer(cfg: Config):
     return tok
 
 
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """--torch-compile: auto compiles on CUDA only (on the CPU compilation costs more than it saves for the
+    small models trained there)."""
+    return cfg.training.torch_compile == "on" or (cfg.training.torch_compile == "auto" and device.type == "cuda")
+
+
 def apply_sequence_parallel(model: nn.Module) -> int:
     """Scatter the embedding output along the sequence; tp-sum LayerNorm grads. Returns the hooks added."""
     if not ps.get_sequence_parallel():
@@ -117,16 +123,17 @@ def build(cfg: Config) -> Trainer:
     apply_sequence_parallel(model)
     tied = mark_tied_embeddings(model)
     sync_tied_embedding_weights(model)
+    stage = torch.compile(model) if compiles(cfg, device) else model  # what forward_backward runs
     if cfg.parallel.world_size > 1:
         p = cfg.parallel
         ddp, optimizer = build_data_parallel(
             model, cfg.optimizer, seed=cfg.training.seed, use_distributed_optimizer=p.use_distributed_optimizer,
             late_sync_params=tied, before_late_sync=lambda: allreduce_tied_embedding_grads(model),
             **({"bucket_size": p.ddp_bucket_size} if p.ddp_bucket_size is not None else {}))
-        forward_backward = make_forward_backward(cfg, model, device, no_sync=ddp.no_sync)
+        forward_backward = make_forward_backward(cfg, stage, device, no_sync=ddp.no_sync)
     else:
         optimizer = SRAdamW(model_chunks, cfg.optimizer, seed=cfg.training.seed)
-        forward_backward = make_forward_backward(cfg, model, device)
+        forward_backward = make_forward_backward(cfg, stage, device)
     o = cfg.optimizer
     scheduler = LRScheduler(optimizer, max_lr=o.lr, min_lr=o.min_lr, warmup_iters=o.lr_warmup_iters,
                             decay_iters=o.lr_decay_iters, decay_style=o.lr_decay_style)
