@@ -1,155 +1,239 @@
 #!/usr/bin/env python3
-"""End-to-end training throughput and peak memory per precision mode.
+"""End-to-end training throughput and peak memory per precision mode, through pretrain_gpt.py's own path.
 
-    python3 tools/bench_training.py                       # GPT-2 350M shape, seq 1024, bf16-sr/bf16-mp/bf16
-    python3 tools/bench_training.py --modes bf16-sr --num-layers 2 --hidden-size 128 --iters 3   (smoke test)
+    python3 tools/bench_training.py --suite gpu                 # one H200/H100: the prepared suite (< 8 min)
+    python3 tools/bench_training.py --suite cpu                 # the same suite in tiny shapes (CI smoke)
+    python3 tools/bench_training.py --modes bf16-sr,bf16-mp -- --num-layers 24 --hidden-size 1024 ...
 
-Each mode runs in its own process (clean peak memory): the trainer pretrain_gpt.py builds
-(megatron_sr.training.setup: model, SRAdamW with the fused SR kernel on CUDA when it builds,
-forward_backward), on one fixed random batch on the device, so the data loader is not measured.
-Writes JSON + a Markdown table.
+Every run is `megatron_sr.training.pretrain.pretrain(cfg)` on `--mock-data` in its own process (a clean
+peak-memory counter), with the flags a user would give pretrain_gpt.py (compiled on CUDA by default);
+an Observer times the iterations after the warm-up (synchronising the device only at their two ends)
+and reads the peak memory. Results are written after every run (JSON + a markdown table), so a run cut
+off by its time budget keeps what it measured; a run that would not finish within the budget is skipped
+and says so.
+
+The GPU suite, in priority order (issue 10):
+  1. 1.3B (hidden 2048, 24 layers, 16 heads), sequence 1024, micro-batch 8: bf16-sr (FP32 and BF16
+     states), bf16-mp, bf16;
+  2. memory-bound: a size where tools/estimate_memory.py says bf16-mp must recompute to fit and bf16-sr
+     need not; each mode at the fitting config the estimator picks;
+  3. the largest model each mode trains (a few steps, loss falling): bf16-mp vs bf16-sr with BF16 states.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = {  # label -> pretrain_gpt.py precision flags
+    "bf16-sr": ["--precision", "bf16-sr"],
+    "bf16-sr-bf16-states": ["--precision", "bf16-sr", "--optimizer-state-dtype", "bf16"],
+    "bf16-mp": ["--precision", "bf16-mp"],
+    "bf16": ["--precision", "bf16"],
+}
+GPT_1_3B = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "1024",
+            "--vocab-size", "50257"]
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2", "--seq-length", "64",
+        "--vocab-size", "512"]
 
 
-def measure(args) -> dict:
+@dataclass
+class Run:
+    section: str  # which part of the suite
+    mode: str  # a MODES label
+    flags: list[str]  # model shape, batch, recompute (pretrain_gpt.py flags)
+    warmup: int = 3
+    iters: int = 10
+    result: dict = field(default_factory=dict)
+
+
+def argv_for(run: Run) -> list[str]:
+    return ["--mock-data", *run.flags, *MODES[run.mode], "--train-iters", str(run.warmup + run.iters),
+            "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", "1", "--weight-decay", "0.1",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "0", "--eval-iters", "1",
+            "--log-interval", str(run.warmup + run.iters)]
+
+
+def measure(argv: list[str], warmup: int) -> dict:
+    """Child process: pretrain(cfg) once, timing the iterations after `warmup`."""
     import torch
 
     from megatron_sr.config import parse_config
-    from megatron_sr.training.forward_backward import make_forward_backward
-    from megatron_sr.training.setup import build
+    from megatron_sr.training.observer import Observer
+    from megatron_sr.training.pretrain import pretrain
+    from megatron_sr.training.setup import compiles
     from megatron_sr.training.throughput import flops_per_iteration, peak_bf16_tflops
 
-    argv = ["--mock-data", "--vocab-size", str(args.vocab_size), "--num-layers", str(args.num_layers),
-            "--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.num_attention_heads),
-            "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
-            "--train-iters", str(args.warmup + args.iters), "--precision", args.mode,
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "3e-4", "--weight-decay", "0.1"]
-    if args.recompute_activations:
-        argv.append("--recompute-activations")
     cfg = parse_config(argv)
-    trainer = build(cfg)
-    device, chunks, optimizer = trainer.device, trainer.model_chunks, trainer.optimizer
-    forward_backward = (make_forward_backward(cfg, torch.compile(chunks[0]), device) if args.compile
-                        else trainer.forward_backward)
-    n_params = sum(p.numel() for p in optimizer.params)
-    gen = torch.Generator(device=device).manual_seed(0)
-    batch = {"tokens": torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
-                                     device=device, generator=gen)}
 
-    class Repeat:
-        def __next__(self):
-            return batch
+    class Timing(Observer):
+        def __init__(self):
+            self.losses, self.paths, self.t0, self.t1, self.trainer = [], set(), None, None, None
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    losses, times = [], []
-    for _ in range(args.warmup + args.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        optimizer.zero_grad()
-        out = forward_backward(chunks, Repeat(), 1, False)
-        path = optimizer.step().path
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(out[0]["lm loss"]))
-    step_s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]  # median
-    tokens = args.micro_batch_size * args.seq_length
-    vocab = chunks[0].vocab_size
-    model_flops = flops_per_iteration(args.micro_batch_size, args.seq_length, args.num_layers, args.hidden_size,
-                                      vocab, False)
+        def log(self, message: str) -> None:
+            pass
+
+        def _sync(self):
+            if self.trainer.device.type == "cuda":
+                torch.cuda.synchronize(self.trainer.device)
+
+        def on_train_start(self, trainer) -> None:
+            self.trainer = trainer
+            if trainer.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.device)
+            if warmup == 0:
+                self._sync()
+                self.t0 = time.perf_counter()
+
+        def on_step(self, iteration, loss, result) -> None:
+            self.losses.append(loss)
+            self.paths.add(result.path)
+            if iteration in (warmup, cfg.training.train_iters):
+                self._sync()
+                setattr(self, "t0" if iteration == warmup else "t1", time.perf_counter())
+
+    timing = Timing()
+    pretrain(cfg, timing)
+    trainer, m, t = timing.trainer, cfg.model, cfg.training
+    device = trainer.device
+    step_s = (timing.t1 - timing.t0) / (t.train_iters - warmup)
+    tokens = t.global_batch_size * m.seq_length
+    model_flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
+                                      trainer.model_chunks[0].vocab_size)
     peak = peak_bf16_tflops(device)
-    mem = optimizer.memory_bytes()
+    mem = trainer.optimizer.memory_bytes()
     return {
-        "mode": args.mode, "compile": args.compile, "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else "cpu", "params": n_params, "micro_batch_size": args.micro_batch_size,
-        "seq_length": args.seq_length, "iteration_ms_median": step_s * 1e3, "tokens_per_s": tokens / step_s,
-        "model_tflops_per_s": model_flops / step_s / 1e12,
-        "mfu": model_flops / step_s / 1e12 / peak if peak else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "params": mem["num_params"], "compiled": compiles(cfg, device),
+        "micro_batch_size": t.micro_batch_size, "seq_length": m.seq_length,
+        "recompute": m.recompute_granularity or "none", "iteration_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
+        "model_tflops_per_s": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "bytes_per_param": {k: v / mem["num_params"] for k, v in mem.items() if k != "num_params"},
-        "optimizer_path": path, "loss_first_last": [losses[0], losses[-1]],
+        "optimizer_path": sorted(p for p in timing.paths if p),
+        "loss_first_last": [timing.losses[0], timing.losses[-1]],
     }
 
 
-def write_outputs(results: list[dict], out: Path) -> None:
+def _estimator():
+    """tools/estimate_memory.py as a module, or None when it is not there."""
+    path = REPO / "tools" / "estimate_memory.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("estimate_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def suite(name: str, gib: float) -> list[Run]:
+    shape, mbs = (GPT_1_3B, "8") if name == "gpu" else (TINY, "2")
+    runs = [Run("1.3B" if name == "gpu" else "tiny", mode, [*shape, "--micro-batch-size", mbs],
+                warmup=3 if name == "gpu" else 1, iters=10 if name == "gpu" else 2)
+            for mode in ("bf16-sr", "bf16-sr-bf16-states", "bf16-mp", "bf16")]
+    est = _estimator()
+    if est is not None and hasattr(est, "suite_runs"):  # sections 2 and 3 come from the estimator's answers
+        for section, mode, flags in est.suite_runs(name, gib):
+            runs.append(Run(section, mode, flags, warmup=2 if name == "gpu" else 1, iters=5 if name == "gpu" else 2))
+    return runs
+
+
+def write_outputs(runs: list[Run], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
     os.replace(tmp, out.with_suffix(".json"))
-    bases = {r["compile"]: r for r in results if r["mode"] == "bf16-mp" and "error" not in r}
-    lines = ["| mode | compile | tokens/s | ms/iter | model TFLOP/s | MFU | peak mem (GiB) | vs bf16-mp mem | "
-             "bytes/param (p+g+states) | optimizer |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['mode']} | {r.get('compile')} | error: {r['error'][:80]} |||||||")
+    lines = [f"{meta['device']}, commit {meta['commit']}, `{meta['command']}`, {meta['date']}", "",
+             "| section | mode | shape | recompute | tokens/s | ms/iter | MFU | peak mem (GiB) | vs bf16-mp | "
+             "bytes/param (p+g+states) | optimizer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        res = r.result
+        if not res:
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        base = bases.get(r["compile"])  # against bf16-mp run the same way (eager or compiled)
-        ratio = (f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x"
-                 if base and r["peak_memory_gib"] and base.get("peak_memory_gib") else "")
-        bpp = r["bytes_per_param"]
-        lines.append(f"| {r['mode']} | {r['compile']} | {r['tokens_per_s']:.0f} | {r['iteration_ms_median']:.1f} | "
-                     f"{r['model_tflops_per_s']:.1f} | {mfu} | {mem} | {ratio} | "
-                     f"{bpp['params']:.0f}+{bpp['grads']:.0f}+{bpp['optimizer_states']:.0f} | {r['optimizer_path']} |")
-    r0 = next((r for r in results if "error" not in r), {})
-    head = (f"GPT {r0.get('params', 0) / 1e6:.0f}M params, seq {r0.get('seq_length')}, micro-batch "
-            f"{r0.get('micro_batch_size')}, device {r0.get('device')}; median of the timed iterations.\n\n")
-    out.with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
+        if "error" in res or "skipped" in res:
+            lines.append(f"| {r.section} | {r.mode} | | | {res.get('error') or res.get('skipped')} |||||||")
+            continue
+        base = next((b.result for b in runs if b.section == r.section and b.mode == "bf16-mp"
+                     and b.result.get("tokens_per_s")), None)
+        ratio = f"{res['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        if base and res["peak_memory_gib"] and base.get("peak_memory_gib"):
+            ratio += f", {res['peak_memory_gib'] / base['peak_memory_gib']:.2f}x mem"
+        mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] else "n/a"
+        mem = f"{res['peak_memory_gib']:.2f}" if res["peak_memory_gib"] is not None else "n/a"
+        bpp = res["bytes_per_param"]
+        lines.append(f"| {r.section} | {r.mode} | {res['params'] / 1e6:.0f}M, mbs {res['micro_batch_size']} | "
+                     f"{res['recompute']} | {res['tokens_per_s']:.0f} | {res['iteration_ms']:.1f} | {mfu} | {mem} | "
+                     f"{ratio} | {bpp['params']:.0f}+{bpp['grads']:.0f}+{bpp['optimizer_states']:.0f} | "
+                     f"{','.join(res['optimizer_path'])} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="bf16-sr,bf16-mp,bf16")
-    p.add_argument("--compile-modes", default="", help="modes to also run with torch.compile(model)")
-    p.add_argument("--num-layers", type=int, default=24)
-    p.add_argument("--hidden-size", type=int, default=1024)
-    p.add_argument("--num-attention-heads", type=int, default=16)
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--recompute-activations", action="store_true")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--output", default=str(REPO / "bench" / "results" / "training_350m"))
-    p.add_argument("--mode", help=argparse.SUPPRESS)  # child process: one mode
-    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.mode:
-        print("RESULT " + json.dumps(measure(args)), flush=True)
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+uncommitted" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # one run, in its own process
+        print("RESULT " + json.dumps(measure(argv[3:], int(argv[2]))), flush=True)
         return 0
-    runs = [(m, False) for m in args.modes.split(",") if m] + [(m, True) for m in args.compile_modes.split(",") if m]
-    results = []
-    passthrough = [a for a in sys.argv[1:]]
-    for mode, compiled in runs:
-        cmd = [sys.executable, __file__, *passthrough, "--mode", mode] + (["--compile"] if compiled else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode == 0 and found:
-            results.append(json.loads(found[-1][7:]))
-        else:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            results.append({"mode": mode, "compile": compiled, "error": tail[0]})
-        r = results[-1]
-        print(f"{mode} compile={compiled}: " + (f"{r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}, "
-                                                 f"peak {r['peak_memory_gib']} GiB" if "error" not in r
-                                                 else f"error {r['error']}"), flush=True)
-        write_outputs(results, Path(args.output))
-    return 0
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("gpu", "cpu"), help="the prepared suite (see the docstring)")
+    p.add_argument("--modes", default="bf16-sr,bf16-mp,bf16", help=f"without --suite: labels of {list(MODES)}")
+    p.add_argument("--gpu-memory-gib", type=float, default=139.0, help="memory the suite sizes sections 2-3 for")
+    p.add_argument("--budget-minutes", type=float, default=8.0)
+    p.add_argument("--output", help="results path without suffix (default bench/results/training_<suite>)")
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.suite:
+        runs = suite(args.suite, args.gpu_memory_gib)
+    else:
+        unknown = [m for m in args.modes.split(",") if m not in MODES]
+        if unknown:
+            p.error(f"--modes: unknown {unknown}; expected labels of {list(MODES)}")
+        runs = [Run("custom", m, extra) for m in args.modes.split(",")]
+    out = Path(args.output or REPO / "bench" / "results" / f"training_{args.suite or 'custom'}")
+    meta = {"device": "", "commit": _commit(), "command": "python3 tools/bench_training.py " + " ".join(argv),
+            "date": time.strftime("%Y-%m-%d"), "python": platform.python_version()}
+    deadline = time.monotonic() + 60 * args.budget_minutes
+    for run in runs:
+        left = deadline - time.monotonic()
+        if left < 20:
+            run.result = {"skipped": f"not started: {left:.0f} s of the budget left"}
+            continue
+        cmd = [sys.executable, __file__, "--child", "--warmup", str(run.warmup), *argv_for(run)]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode == 0 and found:
+                run.result = json.loads(found[-1][7:])
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                run.result = {"error": tail[0][:200]}
+        except subprocess.TimeoutExpired:
+            run.result = {"skipped": "cut off by the time budget"}
+        run.result["wall_s"] = round(time.monotonic() - t0, 1)
+        meta["device"] = meta["device"] or run.result.get("device", "")
+        res = run.result
+        print(f"{run.section} {run.mode}: " + (f"{res['tokens_per_s']:.0f} tokens/s, MFU {res['mfu']}, peak "
+                                                f"{res['peak_memory_gib']} GiB" if "tokens_per_s" in res
+                                                else str(res)), flush=True)
+        write_outputs(runs, out, meta)
+    write_outputs(runs, out, meta)  # also when the budget skipped every run
+    return 0 if all("error" not in r.result for r in runs) else 1
 
 
 if __name__ == "__main__":
