@@ -227,3 +227,16 @@ def test_plan_is_reused_for_the_same_tensors_and_rebuilt_on_any_change():
     strided[0].param = buf[::2]
     assert strided[0].param.data_ptr() == head.param.data_ptr() and not strided[0].param.is_contiguous()
     assert fused.cached_plan(strided) is None
+
+
+@pytest.mark.parametrize("dtypes", [(BF16, BF16, F32), (BF16, F32, BF16), (F32, F32, F32)])
+def test_skip_flag_leaves_every_tensor_unchanged(dtypes):
+    """scalars[3] != 0 (non-finite gradients, decided on the device): the kernel writes nothing."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    chunks = [_make_chunk(n, dtypes, gen, base, 0.1) for n, base in [(4097, 0), (9, 5000)]]
+    before = [_clone(c) for c in chunks]
+    skip = torch.tensor(True, device="cuda")
+    _fused(chunks, step_scalars(LR, torch.tensor(3, device="cuda"), B1, B2, "cuda", skip), 3, "stochastic")
+    torch.cuda.synchronize()
+    for c, b in zip(chunks, before):
+        _assert_same(c, b, "skipped step")

@@ -122,3 +122,16 @@ def test_plan_cache_hits_for_the_same_tensors_and_misses_on_changes(monkeypatch)
     with pytest.raises(ValueError, match="sizes differ"):
         fused.build_plan(bad)
     assert fused.cached_plan(bad) is None
+
+
+def test_skip_flag_leaves_the_reference_unchanged():
+    """scalars[3] != 0: the definition the kernel matches writes nothing (params, moments)."""
+    chunks = [_chunk(n) for n in (8, 13)]
+    want = [_clone(c) for c in chunks]
+    scalars = step_scalars(1e-3, 3, 0.9, 0.95, "cpu", skip=torch.tensor(True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adamw_step_(chunks, scalars=scalars, step=3, consts=CONSTS, rounding="stochastic", key=KEY)
+    for c, w in zip(chunks, want):
+        for name in ("param", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(getattr(c, name), getattr(w, name)), name

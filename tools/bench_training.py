@@ -120,7 +120,7 @@ def measure(argv: list[str], warmup: int) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "bytes_per_param": {k: v / mem["num_params"] for k, v in mem.items() if k != "num_params"},
         "optimizer_path": sorted(p for p in timing.paths if p),
-        "loss_first_last": [timing.losses[0], timing.losses[-1]],
+        "loss_first_last": [float(timing.losses[0]), float(timing.losses[-1])],
     }
 
 
@@ -131,6 +131,7 @@ def _estimator():
         return None
     spec = importlib.util.spec_from_file_location("estimate_memory", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

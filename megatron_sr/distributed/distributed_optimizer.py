@@ -31,10 +31,10 @@ from ..config import OptimizerConfig
 from ..optimizer.adamw_reference import AdamWConstants, step_scalars
 from ..optimizer.chunks import AdamWChunk, group_by_sr_key, weight_decay_for
 from ..optimizer.dispatch import adamw_step_
-from ..optimizer.sr_adamw import StepResult  # one result type for both optimizers
+from ..optimizer.sr_adamw import StepResult, finite_step  # one result type and skip rule for both optimizers
 from ..optimizer.sr_streams import check_sr_streams
 from ..parallel import parallel_state as ps
-from ..parallel.grad_norm import clip_grads_, global_grad_norm
+from ..parallel.grad_norm import clip_grads_on_device_, global_grad_norm
 from ..precision import precision_mode
 from .data_parallel import DistributedDataParallel
 
@@ -58,7 +58,6 @@ class DistributedOptimizer:
         self.model = model
         self.config = config
         self.param_groups = [{"lr": config.lr}]  # torch-style: a scheduler may set param_groups[0]["lr"]
-        self.step_count = 0  # updates applied: the SR stream's step counter
         self._seed = seed
         self.shard = model.config.use_distributed_optimizer if shard_over_dp is None else shard_over_dp
         if self.shard and not model.config.use_distributed_optimizer and model.dp_size > 1:
@@ -85,7 +84,18 @@ class DistributedOptimizer:
             self.master = torch.empty(total, dtype=torch.float32, device=device)
             for pc in self.pieces:
                 self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo].copy_(buf.param_data[pc.lo:pc.hi])
+        # updates applied, on the device: the SR stream's step counter and the bias corrections read it there
+        self._step = torch.zeros((), dtype=torch.int64, device=device)
         self._groups = self._chunk_groups()
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (reading it synchronises with the device)."""
+        return int(self._step)
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step.fill_(int(value))
 
     def _chunk_groups(self):
         """AdamW chunks grouped by SR key (adamw_step_ takes one key per call)."""
@@ -132,24 +142,21 @@ class DistributedOptimizer:
     def step(self) -> StepResult:
         self.model.finish_grad_sync()
         norm = self.grad_norm()
-        norm_value = float(norm)
-        if not torch.isfinite(norm).item():
-            return StepResult(updated=False, grad_norm=norm_value, skipped=True)
+        skip = finite_step(norm, self._step)  # no host synchronisation from here to the end of the step
         buf = self.model.buffer
         # one multiply per bucket shard (padding is zero), not one per parameter piece
-        clip_grads_((buf.grad_data[lo:hi] for lo, hi in self._shard_ranges()), norm_value, self.config.clip_grad)
-        self.step_count += 1
+        clip_grads_on_device_((buf.grad_data[lo:hi] for lo, hi in self._shard_ranges()), norm, self.config.clip_grad)
         device = buf.param_data.device
-        scalars = step_scalars(self.lr, self.step_count, self.config.adam_beta1, self.config.adam_beta2, device)
+        scalars = step_scalars(self.lr, self._step, self.config.adam_beta1, self.config.adam_beta2, device, skip)
         path = None
         for key, chunks in self._groups.items():
-            path = adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+            path = adamw_step_(chunks, scalars=scalars, step=self._step, consts=self.consts,
                                rounding=self.rounding, key=key) or path
         if self.master is not None:
             for pc in self.pieces:
                 buf.param_data[pc.lo:pc.hi].copy_(self.master[pc.state_offset:pc.state_offset + pc.hi - pc.lo])
         self._all_gather_params()
-        return StepResult(updated=True, grad_norm=norm_value, skipped=False, path=path)
+        return StepResult(norm, skip, path)
 
     def _shard_ranges(self) -> list[tuple[int, int]]:
         buf, model = self.model.buffer, self.model

@@ -57,17 +57,26 @@ class AdamWConstants:
 
 
 def step_scalars(
-    lr: float | torch.Tensor, step: int | torch.Tensor, beta1: float, beta2: float, device: torch.device | str
+    lr: float | torch.Tensor, step: int | torch.Tensor, beta1: float, beta2: float, device: torch.device | str,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FP32 tensor [lr, 1 - beta1^step, 1 - beta2^step] on `device` (math in FP64, rounded once).
+    """FP32 tensor [lr, 1 - beta1^step, 1 - beta2^step, skip] on `device` (math in FP64, rounded once).
 
     beta1/beta2 are the *unrounded* user values, so the bias corrections match torch.optim.AdamW's.
+    `skip` (a device bool, e.g. "the gradients are not finite") makes the step leave every tensor as it
+    is, decided on the device. Python numbers are filled on the device, never copied from the host, so
+    building the scalars does not synchronise (a tensor `step` or `lr` stays where it is).
     """
-    step64 = torch.as_tensor(step, device=device).to(torch.float64)
-    lr64 = torch.as_tensor(lr, device=device).to(torch.float64)
-    bc1 = 1.0 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=device), step64)
-    bc2 = 1.0 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=device), step64)
-    return torch.stack((lr64.reshape(()), bc1.reshape(()), bc2.reshape(()))).to(torch.float32)
+    def f64(x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device, dtype=torch.float64).reshape(())
+        return torch.full((), x, dtype=torch.float64, device=device)
+
+    step64 = f64(step)
+    bc1 = 1.0 - torch.pow(f64(beta1), step64)
+    bc2 = 1.0 - torch.pow(f64(beta2), step64)
+    flag = f64(0.0) if skip is None else skip.to(device=device, dtype=torch.float64).reshape(())
+    return torch.stack((f64(lr), bc1, bc2, flag)).to(torch.float32)
 
 
 def _write_back(
@@ -105,6 +114,8 @@ def adamw_reference_(
     written back with the same rounding as the param, on their own random streams).
     """
     rounding = Rounding(rounding)
+    if scalars.numel() > 3 and bool(scalars[3] != 0):  # skip: a host read, as the reference is the definition
+        return
     device = param.device
     f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=device)  # noqa: E731
     lr, bc1, bc2 = scalars[0], scalars[1], scalars[2]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import OptimizerConfig
-from ..parallel.grad_norm import clip_grads_, global_grad_norm
+from ..parallel.grad_norm import clip_grads_on_device_, global_grad_norm
 from ..precision import precision_mode
 from .adamw_reference import AdamWConstants, step_scalars
 from .chunks import AdamWChunk, group_by_sr_key, weight_decay_for
@@ -30,10 +30,32 @@ STATE_FORMAT = "megatron_sr.sr_adamw/1"
 
 @dataclass
 class StepResult:
-    updated: bool
-    grad_norm: float
-    skipped: bool  # NaN/Inf in the gradients: no update
+    """What one optimizer step did. The norm and the skip decision stay on the device: reading
+    `grad_norm`, `skipped` or `updated` synchronises with it, so the loop reads them at log intervals."""
+
+    grad_norm_tensor: torch.Tensor  # FP32 0-d: the global gradient norm before clipping
+    skipped_tensor: torch.Tensor  # bool 0-d: NaN/Inf in the gradients, nothing was updated
     path: str | None = None  # which AdamW ran: "fused" (the CUDA kernel) or "reference"
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_tensor)
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.skipped_tensor)
+
+    @property
+    def updated(self) -> bool:
+        return not self.skipped
+
+
+@torch.no_grad()
+def finite_step(norm: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The skip decision on the device: non-finite norm -> skip; otherwise the step counter advances."""
+    skip = ~torch.isfinite(norm)
+    step.add_((~skip).to(step.dtype))
+    return skip
 
 
 class SRAdamW:
@@ -43,7 +65,6 @@ class SRAdamW:
         self.lr = config.lr
         self.consts = AdamWConstants.make(config.adam_beta1, config.adam_beta2, config.adam_eps)
         self.rounding = mode.rounding
-        self.step_count = 0  # updates applied; the SR stream's step counter
         named = [(n, p) for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()]
         self.names = [n if len(model_chunks) == 1 else f"chunk{i}.{n}" for i, (n, _) in enumerate(named)]
         self.params = [p for _, p in named]
@@ -56,6 +77,8 @@ class SRAdamW:
         self.exp_avg = [torch.zeros_like(p, dtype=state) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, dtype=state) for p in self.params]
         self.master = [p.detach().float().clone() for p in self.params] if mode.fp32_master else None
+        # updates applied, on the device: the SR stream's step counter and the bias corrections read it there
+        self._step = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
         self.main_grads = None
         self._unused_grads: dict[int, torch.Tensor] = {}
         if mode.param_dtype != torch.float32 and mode.grad_dtype(config.grad_dtype) == torch.float32:
@@ -64,6 +87,15 @@ class SRAdamW:
                 p.register_post_accumulate_grad_hook(_accumulate_into(buf))
 
     # ---- the trainer's optimizer interface ----
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (reading it synchronises with the device)."""
+        return int(self._step)
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step.fill_(int(value))
+
     @property
     def param_groups(self) -> list[dict]:
         return [{"lr": self.lr}]
@@ -89,13 +121,11 @@ class SRAdamW:
     @torch.no_grad()
     def step(self) -> StepResult:
         grads = self.grads()
-        norm = float(self.grad_norm())
-        if not torch.isfinite(torch.tensor(norm)):
-            return StepResult(updated=False, grad_norm=norm, skipped=True)
-        clip_grads_(grads, norm, self.config.clip_grad)
-        self.step_count += 1
+        norm = self.grad_norm()
+        skip = finite_step(norm, self._step)  # no host synchronisation from here to the end of the step
+        clip_grads_on_device_(grads, norm, self.config.clip_grad)
         device = self.params[0].device
-        scalars = step_scalars(self.lr, self.step_count, self.config.adam_beta1, self.config.adam_beta2, device)
+        scalars = step_scalars(self.lr, self._step, self.config.adam_beta1, self.config.adam_beta2, device, skip)
         pieces = []
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:  # a parameter that took no part in the loss: one persistent zero gradient
@@ -106,12 +136,12 @@ class SRAdamW:
                                          weight_decay_for(p, self.config.weight_decay))))
         path = None
         for key, chunks in group_by_sr_key(pieces, self.seed).items():
-            path = adamw_step_(chunks, scalars=scalars, step=self.step_count, consts=self.consts,
+            path = adamw_step_(chunks, scalars=scalars, step=self._step, consts=self.consts,
                                rounding=self.rounding, key=key) or path
         if self.master is not None:
             for p, m in zip(self.params, self.master):
-                p.data.copy_(m)  # round to nearest BF16, Megatron's bf16-mp
-        return StepResult(updated=True, grad_norm=norm, skipped=False, path=path)
+                p.data.copy_(m)  # round to nearest BF16, Megatron's bf16-mp (a skipped step leaves p as it is)
+        return StepResult(norm, skip, path)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held for params, grads and optimizer states (FP32 master counted as a state), from the tensors."""

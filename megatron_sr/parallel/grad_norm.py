@@ -80,6 +80,25 @@ def clip_grads_(grads: Iterable[torch.Tensor], total_norm: float, max_norm: floa
     return coef
 
 
+@torch.no_grad()
+def clip_grads_on_device_(grads: Iterable[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """clip_grads_ with the norm left on the device: the same factor (computed in FP64 as Python would,
+    then rounded to FP32 as a scalar multiplier is) and no host synchronisation. A factor of 1 (no
+    clipping, or a non-finite norm, whose step is skipped anyway) leaves the gradients' bits unchanged."""
+    if max_norm <= 0:
+        return
+    norm = total_norm.double()
+    coef = torch.where(torch.isfinite(norm), max_norm / (norm + 1e-6), torch.ones_like(norm))
+    coef = torch.clamp(coef, max=1.0).float()
+    for g in grads:
+        if g is None:
+            continue
+        if g.dtype == torch.float32:
+            g.mul_(coef)
+        else:  # a BF16 tensor times an FP32 tensor would round the factor to BF16 first; a Python scalar does not
+            g.copy_(g.float() * coef)
+
+
 def model_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """global_grad_norm over params' `.grad` (the non-sharded path: plain DP, single process)."""
     params = list(params)

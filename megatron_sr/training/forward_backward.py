@@ -36,11 +36,16 @@ def loss_func(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[to
     return loss, {"lm loss": loss.detach(), "num_tokens": int(loss_mask.numel())}
 
 
-def average_losses(losses: list[dict], key: str = "lm loss") -> float:
-    """Mean loss over the micro-batches of an iteration (already averaged over dp)."""
+def mean_loss(losses: list[dict], key: str = "lm loss") -> torch.Tensor:
+    """Mean loss over the micro-batches of an iteration (already averaged over dp), left on the device."""
     if not losses:
-        return float("nan")
-    return float(torch.stack([d[key].float() for d in losses]).mean())
+        return torch.tensor(float("nan"))
+    return torch.stack([d[key].float() for d in losses]).mean()
+
+
+def average_losses(losses: list[dict], key: str = "lm loss") -> float:
+    """mean_loss as a Python float (a host synchronisation)."""
+    return float(mean_loss(losses, key))
 
 
 def activation_shape(cfg: Config) -> tuple[int, int, int]:

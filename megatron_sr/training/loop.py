@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import TrainState
 from ..parallel.parallel_state import any_rank
-from .forward_backward import average_losses
+from .forward_backward import average_losses, mean_loss
 from .observer import Observer
 from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops, recomputed_fraction
 
@@ -69,6 +69,36 @@ def log_validation(observer: Observer, tag: str, iteration: int, loss: float, wr
         writer.add_scalar(f"{tag} lm loss ppl", ppl, iteration)
 
 
+class _Records:
+    """Each iteration's loss, grad norm and skip flag stay on the device until a log line, a checkpoint or the
+    end of training needs them: then one transfer brings them all (no host synchronisation in between)."""
+
+    def __init__(self, state: TrainState, writer):
+        self.state, self.writer, self.rows = state, writer, []
+        self.losses: list[float] = []  # every iteration's loss, for LoopResult
+        self.window: list[float] = []  # losses since the last log line
+        self.last_norm = float("nan")
+
+    def add(self, iteration: int, lr: float, loss: torch.Tensor, result) -> None:
+        self.rows.append((iteration, lr, loss, result.grad_norm_tensor, result.skipped_tensor))
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        values = torch.stack([torch.stack((loss.float(), norm.float(), skip.float()))
+                              for _, _, loss, norm, skip in self.rows]).tolist()
+        for (iteration, lr, *_), (loss, norm, skipped) in zip(self.rows, values):
+            self.state.skipped_iters += int(skipped)
+            self.losses.append(loss)
+            self.window.append(loss)
+            self.last_norm = norm
+            if self.writer is not None:
+                self.writer.add_scalar("lm loss", loss, iteration)
+                self.writer.add_scalar("learning rate", lr, iteration)
+                self.writer.add_scalar("grad norm", norm, iteration)
+        self.rows = []
+
+
 def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, state: TrainState,
           observer: Observer, writer=None) -> LoopResult:
     """Iterations from `state` to --train-iters (or a stop); checkpoints to --save when it is set."""
@@ -84,7 +114,8 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
     world = cfg.parallel.world_size
     peak = peak_bf16_tflops(device)
     sigterm = SigtermHandler()
-    train_losses, valid_losses, window = [], [], []
+    records = _Records(state, writer)
+    valid_losses = []
     reason = "done"
     for mc in model_chunks:
         mc.train()
@@ -99,20 +130,12 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             result = optimizer.step()
             state.iteration += 1
             state.consumed_train_samples += t.global_batch_size
-            if result.skipped:
-                state.skipped_iters += 1
-            loss = average_losses(losses)
+            loss = mean_loss(losses)
             observer.on_step(state.iteration, loss, result)
-            train_losses.append(loss)
-            window.append(loss)
+            records.add(state.iteration, lr, loss, result)
             iters_in_window += 1
-            if writer is not None:
-                writer.add_scalar("lm loss", loss, state.iteration)
-                writer.add_scalar("learning rate", lr, state.iteration)
-                writer.add_scalar("grad norm", result.grad_norm, state.iteration)
             if state.iteration % t.log_interval == 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                records.flush()  # the iteration's one host synchronisation, at log intervals only
                 elapsed = (time.perf_counter() - timer) / iters_in_window
                 tokens_per_s = t.global_batch_size * m.seq_length / elapsed
                 tflops = flops / elapsed / 1e12 / world
@@ -123,11 +146,11 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
                     f" tokens per second: {tokens_per_s:.1f} |"
                     f" TFLOP/s per GPU: {tflops:.2f} | MFU: {mfu} |"
                     f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
-                    f" lm loss: {sum(window) / len(window):.6E} | grad norm: {result.grad_norm:.3f} |"
+                    f" lm loss: {sum(records.window) / len(records.window):.6E} | grad norm: {records.last_norm:.3f} |"
                     f" skipped iterations: {state.skipped_iters:3d} | {memory_report(device)} |")
                 if writer is not None:
                     writer.add_scalar("tokens per second", tokens_per_s, state.iteration)
-                window, iters_in_window = [], 0
+                records.window, iters_in_window = [], 0
                 timer = time.perf_counter()
             if valid_iterator is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 vloss = evaluate(model_chunks, forward_backward_func, valid_iterator, t.eval_iters, num_microbatches)
@@ -144,6 +167,7 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             elif t.exit_duration_in_mins and any_rank(time.perf_counter() - start > 60 * t.exit_duration_in_mins):
                 stop = "exit-duration"
             if t.save and (stop or (t.save_interval and state.iteration % t.save_interval == 0)):
+                records.flush()  # the skipped count goes into the checkpoint
                 save(trainer, state, observer)
                 timer = time.perf_counter()
             if stop:
@@ -153,7 +177,8 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
                 break
     finally:
         sigterm.restore()
-    return LoopResult(state, train_losses, valid_losses, reason)
+    records.flush()
+    return LoopResult(state, records.losses, valid_losses, reason)
 
 
 def save(trainer, state: TrainState, observer: Observer) -> None:

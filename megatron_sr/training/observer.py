@@ -22,8 +22,9 @@ class Observer:
     def on_gradients(self, iteration: int, trainer) -> None:
         """After the forward and backward of `iteration` (1-based), before the optimizer step."""
 
-    def on_step(self, iteration: int, loss: float, result) -> None:
-        """After the optimizer step of `iteration`; `result` is its StepResult."""
+    def on_step(self, iteration: int, loss, result) -> None:
+        """After the optimizer step of `iteration`. `loss` (a 0-d tensor) and `result` (its StepResult) are
+        still on the device: reading their values synchronises, which the loop itself does at log intervals."""
 
     def on_train_end(self, trainer, result) -> None:
         """After the last iteration, the final validation and save; `result` is the LoopResult."""

@@ -115,8 +115,8 @@ std::string step(const at::Tensor& table, const at::Tensor& tiles_to_chunks, int
       tiles_to_chunks.numel() < num_tiles || dtypes.size() != 3)
     return message("chunk table and tile map must be the CUDA copies of plan() and tile_map()");
   if (!scalars.is_cuda() || scalars.device() != table.device() || scalars.scalar_type() != at::kFloat ||
-      !scalars.is_contiguous() || scalars.numel() < 3)
-    return message("scalars must be a contiguous float32 CUDA tensor [lr, bc1, bc2] on the params' device");
+      !scalars.is_contiguous() || scalars.numel() < 4)
+    return message("scalars must be a contiguous float32 CUDA tensor [lr, bc1, bc2, skip] on the params' device");
   const int64_t* step_ptr = nullptr;
   if (step_tensor.has_value()) {
     const at::Tensor& s = *step_tensor;

@@ -126,6 +126,7 @@ __device__ __forceinline__ void adamw_math(const StepConsts& k, float& p, float 
 
 template <typename P, typename G, typename S>
 __global__ void __launch_bounds__(kThreads) sr_adamw_kernel(const SrAdamwParams a) {
+  if (a.scalars[3] != 0.0f) return;  // skip, decided on the device (non-finite gradients): nothing changes
   const int64_t tile = blockIdx.x;
   const SrAdamwChunk c = a.chunks[a.tile_chunk[tile]];  // two dependent loads; a search would take ~log2(n)
 

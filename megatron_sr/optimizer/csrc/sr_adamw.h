@@ -37,7 +37,7 @@ struct SrAdamwParams {
   const int32_t* tile_chunk;   // device memory, num_tiles entries: the chunk of each tile (sr_adamw_tile_map)
   int32_t num_chunks;
   int64_t num_tiles;
-  const float* scalars;        // device FP32 [lr, bc1, bc2]
+  const float* scalars;        // device FP32 [lr, bc1, bc2, skip]: skip != 0 leaves every tensor unchanged
   const int64_t* step_ptr;     // device int64 step, or nullptr to use step_value
   int64_t step_value;
   float beta1, beta2, eps, one_minus_beta1, one_minus_beta2;
