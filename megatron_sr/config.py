@@ -45,6 +45,8 @@ class ModelConfig:
     hidden_dropout: float = _opt(0.1, "dropout on the residual branches and embeddings")
     attention_dropout: float = _opt(0.1, "dropout on the attention probabilities")
     layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon")
+    loss_chunk_tokens: int = _opt(4096, "tokens per chunk of the LM head + cross entropy, whose [tokens, vocab] "
+                                        "logits are never held whole (0: one chunk, the plain loss)")
     recompute_activations: bool = _opt(False, "Megatron's alias for --recompute-granularity selective")
     recompute_granularity: str | None = _opt(
         None, "recompute in backward: full (whole layers, see --recompute-method) or selective (the attention core)",
@@ -276,6 +278,8 @@ def finalize(cfg: Config) -> Config:
     if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
         raise ConfigError(f"--seq-length {m.seq_length} is longer than "
                           f"--max-position-embeddings {m.max_position_embeddings}")
+    if m.loss_chunk_tokens < 0:
+        raise ConfigError("--loss-chunk-tokens must be >= 0 (0: the whole micro-batch in one chunk)")
     if not (0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.attention_dropout < 1.0):
         raise ConfigError("--hidden-dropout and --attention-dropout must be in [0, 1)")
     if m.num_attention_heads % p.tensor_model_parallel_size:

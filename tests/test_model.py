@@ -114,3 +114,17 @@ def test_cpu_bf16_linear_is_an_fp32_gemm_of_bf16_operands():
     torch.testing.assert_close(y.float(), native.float(), rtol=1e-2, atol=1e-2)
     y.float().sum().backward()
     assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, x.float().sum(0).expand(32, -1).bfloat16())
+
+
+def test_chunked_loss_in_the_model_equals_the_plain_loss():
+    """--loss-chunk-tokens: the model's per-token loss and gradients with 5-token chunks vs one chunk."""
+    x, y = tokens()
+    out = []
+    for chunk in (0, 5):
+        model = GPTModel(tiny(loss_chunk_tokens=chunk), seed=5)
+        loss = model(x, labels=y)
+        loss.mean().backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(g, out[1][1][n], rtol=1e-5, atol=1e-7)

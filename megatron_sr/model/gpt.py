@@ -17,11 +17,12 @@ from torch import nn
 
 from ..config import Config, ModelConfig
 from ..parallel import parallel_state as ps
-from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits, vocab_parallel_cross_entropy
+from ..parallel.layers import VocabParallelEmbedding, mark_parallel, parallel_lm_logits
 from ..parallel.random import checkpoint  # torch's, also replaying the tracked tp RNG
 from ..precision import precision_mode
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for
+from .lm_loss import lm_head_cross_entropy
 from .transformer import TransformerLayer, layer_norm, recompute_granularity
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -132,10 +133,10 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return h
         with cpu_bf16_matmul(h):
-            logits = parallel_lm_logits(self.final_layernorm(h), self.output_weight())
-        if labels is None:
-            return logits
-        loss = vocab_parallel_cross_entropy(logits, labels)
+            if labels is None:  # logits for generation
+                return parallel_lm_logits(self.final_layernorm(h), self.output_weight())
+            loss = lm_head_cross_entropy(self.final_layernorm(h), self.output_weight(), labels,
+                                         self.config.loss_chunk_tokens)  # never the whole [tokens, vocab] logits
         return loss if loss_mask is None else loss * loss_mask
 
 
