@@ -164,7 +164,9 @@ def build_model_chunks(cfg: Config, device: torch.device | str = "cpu") -> list[
     """
     layers = stage_layer_range(cfg.model.num_layers, ps.get_pipeline_model_parallel_world_size(),
                                ps.get_pipeline_model_parallel_rank())
-    model = GPTModel(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     seed=cfg.training.seed, params_dtype=precision_mode(cfg.optimizer.precision).param_dtype,
-                     layer_offset=layers.start, num_layers=len(layers))
-    return [model.to(device)]
+    with torch.device(device):  # built and initialised where it trains (init.py: the generators follow)
+        model = GPTModel(cfg.model, pre_process=ps.is_pipeline_first_stage(),
+                         post_process=ps.is_pipeline_last_stage(), seed=cfg.training.seed,
+                         params_dtype=precision_mode(cfg.optimizer.precision).param_dtype,
+                         layer_offset=layers.start, num_layers=len(layers))
+    return [model]

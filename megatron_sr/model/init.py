@@ -1,8 +1,10 @@
 """Layout-independent initialisation: a parameter's full initial value depends only on (seed, global name).
 
-Each weight is drawn from its own CPU generator seeded by a stable hash of the seed and the
-parameter's global name (layer numbers counted over the whole model), so a pipeline stage, a
-tensor-parallel slice or a single process all start from the same numbers.
+Each weight is drawn from its own generator seeded by a stable hash of the seed and the parameter's
+global name (layer numbers counted over the whole model), so a pipeline stage, a tensor-parallel
+slice or a single process all start from the same numbers. The generator lives on the device of the
+tensor being filled: a model built on a GPU draws there (a 13B model initialises in seconds, not the
+minutes a CPU takes), with numbers that differ from a CPU-built model's but not between GPU layouts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def init_method_for(seed: int, name: str, std: float) -> Callable[[torch.Tensor]
     """init_method(full_tensor): normal(0, std) from the generator of (seed, name)."""
 
     def init(full: torch.Tensor) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
+        gen = torch.Generator(device=full.device).manual_seed(stable_seed(seed, name))
         with torch.no_grad():
             full.normal_(0.0, std, generator=gen)
 
