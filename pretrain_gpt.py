@@ -23,9 +23,15 @@ def main(argv: list[str] | None = None):
 
     try:
         return pretrain(cfg)
-    except (FileNotFoundError, ValueError) as exc:  # bad paths / data: one line, not a traceback
+    except (FileNotFoundError, ValueError) as exc:  # bad paths, data, checkpoints, divergence: one line
         print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops after the iteration)
+        print("pretrain_gpt.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, then the traceback for the report
+        print(f"pretrain_gpt.py: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

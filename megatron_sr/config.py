@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -90,6 +91,10 @@ class TrainingConfig:
     save: str | None = _opt(None, "checkpoint directory to write")
     load: str | None = _opt(None, "checkpoint directory to resume from")
     save_interval: int | None = _opt(None, "iterations between checkpoints")
+    max_consecutive_skips: int = _opt(10, "stop (exit 2, no checkpoint) after this many iterations in a row "
+                                          "skipped for NaN/Inf gradients (0: never)")
+    overwrite_checkpoints: bool = _opt(False, "train although --save holds a later checkpoint than the one "
+                                              "loaded (or none is loaded): its iterations get overwritten")
     exit_interval: int | None = _opt(None, "stop (with a checkpoint if --save) after this iteration")
     exit_duration_in_mins: float | None = _opt(None, "stop (with a checkpoint if --save) after this many minutes")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
@@ -179,9 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _optional(name: str) -> bool:
+    section, f, _ = FLAGS[name]
+    return type(None) in typing.get_args(typing.get_type_hints(_SECTIONS[section])[f.name])
+
+
 def _coerce(name: str, value, source: str):
     section, f, base = FLAGS[name]
     if value is None:
+        if not _optional(name):
+            raise ConfigError(f"{source}: {name.replace('_', '-')} needs a value (it has no 'unset' state)")
         return None
     if typing.get_origin(base) is list:
         return [str(v) for v in value] if isinstance(value, list) else str(value).split()
@@ -190,9 +202,9 @@ def _coerce(name: str, value, source: str):
             raise ConfigError(f"{source}: {name.replace('_', '-')} must be true or false, got {value!r}")
         return value
     try:
-        value = base(value) if base is not float or not isinstance(value, str) else float(value)
-        if base is int and isinstance(value, float):
-            raise ValueError
+        if isinstance(value, bool) or (base is int and isinstance(value, float)):
+            raise ValueError  # YAML's true is not 1, and 2.7 layers is not 2
+        value = base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {name.replace('_', '-')} expects {base.__name__}, got {value!r}") from None
     choices = f.metadata["choices"]
@@ -259,9 +271,54 @@ def _check_recompute(m: ModelConfig, layers_per_stage: int) -> None:
                               f"{layers_per_stage} layers per pipeline stage, got {m.recompute_num_layers}")
 
 
+# (flag, lowest, highest, whether the lowest itself is allowed): a value out of range is an error, never clamped
+_RANGES = [("lr", 0.0, None, True), ("min_lr", 0.0, None, True), ("weight_decay", 0.0, None, True),
+           ("clip_grad", 0.0, None, True), ("adam_beta1", 0.0, 1.0, True), ("adam_beta2", 0.0, 1.0, True),
+           ("adam_eps", 0.0, None, False), ("init_method_std", 0.0, None, False),
+           ("layernorm_epsilon", 0.0, None, False), ("hidden_dropout", 0.0, 1.0, True),
+           ("attention_dropout", 0.0, 1.0, True)]
+
+
+def _check_values(cfg: Config) -> None:
+    """Every number finite; the optimizer and model hyper-parameters within their meaningful range."""
+    for name, (section, _, base) in FLAGS.items():
+        value = getattr(getattr(cfg, section), name)
+        if base is float and value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if base is int and isinstance(value, bool):
+            raise ConfigError(f"--{name.replace('_', '-')} expects int, got {value!r}")
+    for name, low, high, low_ok in _RANGES:
+        value = getattr(getattr(cfg, FLAGS[name][0]), name)
+        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+            interval = f"{'[' if low_ok else '('}{low:g}, {'inf)' if high is None else f'{high:g})'}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
+
+
+# What a checkpoint's tensors were built from: resuming with another value would load into another model.
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                      "make_vocab_size_divisible_by", "position_embedding_type", "max_position_embeddings",
+                      "swiglu", "untie_embeddings_and_output_weights", "disable_bias_linear")
+
+
+def resume_differences(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(model-shape fields that differ: an error, other settings that differ: for the log) between the config
+    saved in a checkpoint (Config.to_dict()) and this run's."""
+    now = cfg.to_dict()
+    shape, other = [], []
+    for section, values in now.items():
+        for name, value in values.items():
+            old = (saved.get(section) or {}).get(name, value)
+            if old != value and not (section == "model" and name == "max_position_embeddings"
+                                     and cfg.model.position_embedding_type == "rope"):
+                line = f"--{name.replace('_', '-')} {old} -> {value}"
+                (shape if section == "model" and name in MODEL_SHAPE_FIELDS else other).append(line)
+    return shape, other
+
+
 def finalize(cfg: Config) -> Config:
     """Fill derived defaults and check consistency (one-line ConfigError naming the flags)."""
     m, o, t, d, p = cfg.model, cfg.optimizer, cfg.training, cfg.data, cfg.parallel
+    _check_values(cfg)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters"):
         section = FLAGS[name][0]
         if getattr(getattr(cfg, section), name) <= 0:
@@ -320,6 +377,8 @@ def finalize(cfg: Config) -> Config:
         m.vocab_size = 1024
     if t.save_interval is not None and t.save_interval <= 0:
         raise ConfigError("--save-interval must be positive")
+    if t.max_consecutive_skips < 0:
+        raise ConfigError("--max-consecutive-skips must be >= 0 (0: never stop)")
     if t.log_interval <= 0:
         raise ConfigError("--log-interval must be positive")
     return cfg

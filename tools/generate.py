@@ -9,6 +9,7 @@ The model size and tokenizer come from the checkpoint's saved config (--tokenize
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -20,6 +21,10 @@ from megatron_sr.model import GPTModel
 
 def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
     payload = read_model(load)
+    broken = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{load}: the checkpoint holds non-finite weights ({broken[0]} and {len(broken) - 1} more); "
+                         "it cannot generate text")
     cfg = Config.from_dict(payload["config"])
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     model = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.float32)
@@ -63,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
+    for flag, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
+                            ("--temperature", args.temperature,
+                             math.isfinite(args.temperature) and args.temperature >= 0),
+                            ("--top-k", args.top_k, args.top_k >= 0)):
+        if not ok:
+            parser.error(f"{flag} must be >= 0 (and finite), got {value}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     try:

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
          "--data-path", str(work / "corpus_text_document"), "--tokenizer-model", f"{tok}.model",
          "--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 20)),
          "--log-interval", str(max(1, iters // 12)), "--eval-interval", str(max(1, iters // 3)),
-         "--precision", args.precision, "--save", str(ckpt), "--exit-duration-in-mins", str(args.minutes), *extra])
+         "--precision", args.precision, "--save", str(ckpt), "--overwrite-checkpoints",  # a demo starts afresh
+         "--exit-duration-in-mins", str(args.minutes), *extra])
     run([py, "tools/generate.py", "--load", str(ckpt), "--prompt", prompt,
          "--max-new-tokens", str(args.max_new_tokens)])
     print(f"\ncheckpoint: {ckpt}\nsample again: python3 tools/generate.py --load {ckpt} --prompt \"{prompt}\"")

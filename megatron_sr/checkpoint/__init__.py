@@ -18,7 +18,7 @@ from torch import nn
 
 from ..distributed.distributed_optimizer import DistributedOptimizer
 from . import sharded, single
-from .layout import LATEST, TrainState, iteration_dir, read_latest_iteration
+from .layout import LATEST, SINGLE_FILE, TrainState, iteration_dir, read_latest_iteration
 from .rng import rng_state, set_rng_state
 
 __all__ = ["LATEST", "TrainState", "save_checkpoint", "load_checkpoint", "read_latest_iteration"]
@@ -33,6 +33,25 @@ def save_checkpoint(save_dir: str | Path, state: TrainState, model_chunks: list[
         return sharded.save_checkpoint(save_dir, state.iteration, model_chunks[0], optimizer, common=common,
                                        rank_state=rng_state())
     return single.save_checkpoint(save_dir, state, model_chunks, optimizer, config)
+
+
+def saved_config(load_dir: str | Path) -> dict | None:
+    """The training config saved with the latest checkpoint in `load_dir` (None without one), read without
+    loading its tensors."""
+    import torch
+
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        return None
+    directory = iteration_dir(load_dir, iteration)
+    path = directory / ("common.pt" if (directory / "metadata.json").is_file() else SINGLE_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0][:120]})") from None
+    return payload.get("config") if isinstance(payload, dict) else None
 
 
 def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimizer) -> tuple[TrainState, dict] | None:

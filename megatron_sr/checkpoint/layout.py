@@ -122,3 +122,48 @@ def read_metadata(directory: Path) -> dict:
     if meta.get("format") != SHARDED_FORMAT:
         raise ValueError(f"{path}: expected format {SHARDED_FORMAT}, got {meta.get('format')!r}")
     return meta
+
+
+def recover_directory(root: str | Path) -> list[str]:
+    """Clean up after a run killed while saving into `root`; returns what was done (for the log).
+
+    A staging directory (.iter_X.tmp) or temporary file (*.tmp) is an unfinished write: removed. An
+    old iteration moved aside (.iter_X.old) while its replacement was renamed in is removed when the
+    replacement is there, and put back when it is not (the kill fell between the two renames)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".iter_") and path.name.endswith(".old") and path.is_dir():
+            final = root / path.name[1:-len(".old")]
+            if final.exists():
+                shutil.rmtree(path)
+                done.append(f"removed {path} (replaced by {final.name})")
+            else:
+                os.replace(path, final)
+                done.append(f"restored {final} from {path.name} (a save was interrupted while replacing it)")
+        elif path.name.endswith(".tmp") and path.name.lstrip(".").startswith(("iter_", LATEST)):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            done.append(f"removed {path} (left by an interrupted save)")
+    return done
+
+
+def describe(root: str | Path | None) -> tuple[int | None, str | None]:
+    """(latest iteration, None) of a checkpoint root; (None, why) when it holds no loadable checkpoint."""
+    if not root:
+        return None, "not given"
+    path = Path(root)
+    if path.is_file():
+        return None, "is a file, not a checkpoint directory"
+    if not path.exists():
+        return None, "does not exist"
+    try:
+        iteration = read_latest_iteration(path)
+    except ValueError as exc:
+        return None, str(exc)
+    if iteration is None:
+        return None, f"holds no {LATEST}"
+    if not iteration_dir(path, iteration).is_dir():
+        return None, f"{LATEST} names iteration {iteration}, whose directory is missing"
+    return iteration, None

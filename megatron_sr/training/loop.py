@@ -22,21 +22,28 @@ from ..checkpoint import TrainState
 from ..parallel.parallel_state import any_rank
 from .forward_backward import average_losses, mean_loss
 from .observer import Observer
+from .setup import TrainingDiverged
 from .throughput import flops_per_iteration, memory_report, peak_bf16_tflops, recomputed_fraction
 
 
 class SigtermHandler:
-    """Remembers a SIGTERM so the loop can checkpoint at the end of the iteration and exit cleanly."""
+    """Remembers a SIGTERM or SIGINT (Ctrl-C) so the loop can checkpoint at the end of the iteration and exit
+    cleanly; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.received = True
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 @dataclass
@@ -44,7 +51,7 @@ class LoopResult:
     state: TrainState
     train_losses: list[float]  # the loss of every iteration
     valid_losses: list[tuple[int, float]]  # (iteration, loss) of every validation
-    reason: str  # "done", "sigterm", "exit-interval" or "exit-duration"
+    reason: str  # "done", "sigterm", "sigint", "exit-interval" or "exit-duration"
 
 
 def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator, eval_iters: int,
@@ -61,7 +68,7 @@ def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator
 
 
 def log_validation(observer: Observer, tag: str, iteration: int, loss: float, writer) -> None:
-    ppl = math.exp(min(20.0, loss))
+    ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
     line = f" {tag} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
     observer.log("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
     if writer is not None:
@@ -73,8 +80,9 @@ class _Records:
     """Each iteration's loss, grad norm and skip flag stay on the device until a log line, a checkpoint or the
     end of training needs them: then one transfer brings them all (no host synchronisation in between)."""
 
-    def __init__(self, state: TrainState, writer):
+    def __init__(self, state: TrainState, writer, max_consecutive_skips: int):
         self.state, self.writer, self.rows = state, writer, []
+        self.max_consecutive_skips, self.consecutive_skips = max_consecutive_skips, 0
         self.losses: list[float] = []  # every iteration's loss, for LoopResult
         self.window: list[float] = []  # losses since the last log line
         self.last_norm = float("nan")
@@ -89,6 +97,7 @@ class _Records:
                               for _, _, loss, norm, skip in self.rows]).tolist()
         for (iteration, lr, *_), (loss, norm, skipped) in zip(self.rows, values):
             self.state.skipped_iters += int(skipped)
+            self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
             self.losses.append(loss)
             self.window.append(loss)
             self.last_norm = norm
@@ -97,6 +106,10 @@ class _Records:
                 self.writer.add_scalar("learning rate", lr, iteration)
                 self.writer.add_scalar("grad norm", norm, iteration)
         self.rows = []
+        if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
+            raise TrainingDiverged(f"{self.consecutive_skips} iterations in a row had NaN/Inf gradients (up to "
+                                   f"iteration {self.state.iteration}); stopping without a checkpoint "
+                                   "(--max-consecutive-skips)")
 
 
 def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, state: TrainState,
@@ -114,7 +127,7 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
     world = cfg.parallel.world_size
     peak = peak_bf16_tflops(device)
     sigterm = SigtermHandler()
-    records = _Records(state, writer)
+    records = _Records(state, writer, t.max_consecutive_skips)
     valid_losses = []
     reason = "done"
     for mc in model_chunks:
@@ -136,6 +149,9 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             iters_in_window += 1
             if state.iteration % t.log_interval == 0:
                 records.flush()  # the iteration's one host synchronisation, at log intervals only
+                if not trainer.params_finite():
+                    raise TrainingDiverged(f"iteration {state.iteration}: the weights hold NaN/Inf; stopping without "
+                                           "a checkpoint")
                 elapsed = (time.perf_counter() - timer) / iters_in_window
                 tokens_per_s = t.global_batch_size * m.seq_length / elapsed
                 tflops = flops / elapsed / 1e12 / world
@@ -160,8 +176,8 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             # Stop decisions are collective (any_rank): a rank that left the loop alone would leave the
             # others waiting in the next iteration's collectives. The interval test is the same everywhere.
             stop = None
-            if any_rank(sigterm.received):
-                stop = "sigterm"
+            if any_rank(sigterm.received is not None):
+                stop = "sigint" if sigterm.received == signal.SIGINT else "sigterm"
             elif t.exit_interval and state.iteration % t.exit_interval == 0:
                 stop = "exit-interval"
             elif t.exit_duration_in_mins and any_rank(time.perf_counter() - start > 60 * t.exit_duration_in_mins):

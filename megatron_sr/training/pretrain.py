@@ -6,9 +6,14 @@ The same path runs in one process and under torchrun at any tp x pp x dp layout.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
-from ..checkpoint import TrainState
-from ..config import Config
+import torch.distributed as dist
+
+from ..checkpoint import TrainState, saved_config
+from ..checkpoint.layout import describe, recover_directory
+from ..config import Config, resume_differences
 from .iterators import build_iterators
 from .loop import LoopResult, evaluate, log_validation, save, train
 from .observer import Observer
@@ -23,11 +28,72 @@ def tensorboard_writer(cfg: Config):
     return SummaryWriter(log_dir=cfg.training.tensorboard_dir)
 
 
+def _writable_dir(path: str, flag: str) -> None:
+    """--save and friends are checked before any training, not at the first write hours later."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, expected a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_directories(cfg: Config, observer: Observer) -> None:
+    """Before training: output directories writable, leftovers of killed saves cleaned up, and no resume
+    that would overwrite a later checkpoint in --save (a --load typo must not destroy a run)."""
+    t = cfg.training
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    for path, flag in ((t.save, "--save"), (t.tensorboard_dir, "--tensorboard-dir"),
+                       (cfg.data.data_cache_path, "--data-cache-path")):
+        if path and first:
+            _writable_dir(path, flag)
+    if first:
+        for root in dict.fromkeys(r for r in (t.load, t.save) if r):
+            for done in recover_directory(root):
+                observer.log(f" {done}")
+    if dist.is_initialized():
+        dist.barrier()
+    loaded, why = describe(t.load)
+    if t.load and Path(t.load).is_file():
+        raise ValueError(f"--load {t.load}: {why}")
+    saved, _ = describe(t.save)
+    if saved is None or t.overwrite_checkpoints:
+        return
+    same = t.load and Path(t.load).resolve() == Path(t.save).resolve()
+    if loaded is None:
+        raise ValueError(f"--load {t.load or '(not given)'}: {why}, but --save {t.save} holds a checkpoint at "
+                         f"iteration {saved}; training from scratch would overwrite it. Resume with --load {t.save}, "
+                         "or pass --overwrite-checkpoints to start over")
+    if not same and saved > loaded:
+        raise ValueError(f"--save {t.save} holds iteration {saved}, later than iteration {loaded} of --load {t.load}; "
+                         "training on would overwrite it and move its latest back. Use another --save, or pass "
+                         "--overwrite-checkpoints")
+
+
+def check_resume_config(cfg: Config, observer: Observer) -> None:
+    """The model --load holds must be the one this run builds; other changed settings are listed."""
+    saved = saved_config(cfg.training.load)
+    if not saved:
+        return
+    shape, other = resume_differences(saved, cfg)
+    if shape:
+        raise ValueError(f"--load {cfg.training.load}: the checkpoint's model differs from this run's: "
+                         + "; ".join(shape))
+    if other:
+        observer.log(f" resuming with changed settings: {'; '.join(other)}")
+
+
 def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
     observer = observer or Observer()
     trainer = build(cfg)
+    check_directories(cfg, observer)
     state = TrainState()
     if cfg.training.load:
+        check_resume_config(cfg, observer)
         loaded = trainer.load()
         if loaded is None:
             observer.log(f" WARNING: no checkpoint in {cfg.training.load}; training from scratch")
@@ -53,6 +119,7 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
         writer.close()
     if result.valid_losses:
         _, vloss = result.valid_losses[-1]
-        observer.log(f" final validation loss {vloss:.4f}, perplexity {math.exp(min(vloss, 20.0)):.2f}")
+        ppl = math.exp(min(vloss, 20.0)) if math.isfinite(vloss) else float("nan")
+        observer.log(f" final validation loss {vloss:.4f}, perplexity {ppl:.2f}")
     observer.on_train_end(trainer, result)
     return result

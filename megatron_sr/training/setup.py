@@ -32,10 +32,15 @@ from ..optimizer.sr_streams import assign_sr_streams
 from ..parallel import parallel_state as ps
 from ..parallel.layers import register_sequence_parallel_grad_hooks
 from ..parallel.mappings import scatter_to_sequence_parallel_region
+from ..parallel.parallel_state import any_rank
 from ..parallel.random import model_parallel_seed
 from ..pipeline import allreduce_tied_embedding_grads, mark_tied_embeddings, sync_tied_embedding_weights
 from .forward_backward import ForwardBackward, make_forward_backward
 from .lr_schedule import LRScheduler
+
+
+class TrainingDiverged(ValueError):
+    """NaN/Inf took over: training stops without saving the broken state (pretrain_gpt.py exits 2)."""
 
 
 @dataclass
@@ -54,8 +59,16 @@ class Trainer:
         t = self.cfg.training
         return t.global_batch_size // (t.micro_batch_size * self.cfg.parallel.data_parallel_size)
 
+    def params_finite(self) -> bool:
+        """Whether every parameter on every rank is finite (one reduction, one host synchronisation)."""
+        flags = [torch.isfinite(p).all() for m in self.model_chunks for p in m.parameters()]
+        return not any_rank(not bool(torch.stack(flags).all()))
+
     def save(self, state: TrainState) -> Path:
-        """Checkpoint to --save (a collective call under torchrun)."""
+        """Checkpoint to --save (a collective call under torchrun); never from non-finite weights."""
+        if not self.params_finite():
+            raise TrainingDiverged(f"iteration {state.iteration}: the weights hold NaN/Inf; no checkpoint written "
+                                   f"(the last good one in {self.cfg.training.save} is kept)")
         return save_checkpoint(self.cfg.training.save, state, self.model_chunks, self.optimizer, self.cfg.to_dict())
 
     def load(self) -> tuple[TrainState, dict] | None:

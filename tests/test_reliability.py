@@ -1,0 +1,169 @@
+"""Never lose a checkpoint, never save a broken model, never run on a wrong config in silence (issue 11)."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sr.checkpoint.layout import recover_directory
+from megatron_sr.config import ConfigError, parse_config
+from megatron_sr.training.observer import Observer
+from megatron_sr.training.pretrain import pretrain
+from megatron_sr.training.setup import TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("--mock-data --vocab-size 128 --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 16 "
+        "--micro-batch-size 2 --log-interval 1 --eval-interval 0 --eval-iters 1 --lr 3e-3 --device cpu").split()
+
+
+class Recorder(Observer):
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def run(*flags, observer=None):
+    return pretrain(parse_config(TINY + list(flags)), observer or Recorder())
+
+
+def digest(root: Path) -> str:
+    """Every file under a checkpoint root, names and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A real run's checkpoint root at iteration 4 (saves at 2 and 4)."""
+    root = tmp_path / "ckpt"
+    run("--train-iters", "4", "--save", str(root), "--save-interval", "2")
+    return root
+
+
+@pytest.mark.parametrize("load", [None, "typo", "file"])
+def test_a_wrong_load_never_overwrites_the_checkpoint_in_save(saved, tmp_path, load):
+    before = digest(saved)
+    flags = ["--train-iters", "2", "--save", str(saved)]
+    if load == "typo":
+        flags += ["--load", str(tmp_path / "ckpt_typo")]
+    elif load == "file":
+        (tmp_path / "a_file").write_text("x")
+        flags += ["--load", str(tmp_path / "a_file")]
+    with pytest.raises(ValueError, match="is a file" if load == "file" else "--overwrite-checkpoints"):
+        run(*flags)
+    assert digest(saved) == before
+
+
+def test_resuming_elsewhere_never_moves_a_later_latest_back(saved, tmp_path):
+    other = tmp_path / "other"
+    run("--train-iters", "2", "--save", str(other))
+    before = digest(saved)
+    with pytest.raises(ValueError, match="holds iteration 4, later than iteration 2"):
+        run("--train-iters", "3", "--load", str(other), "--save", str(saved))
+    assert digest(saved) == before
+
+
+def test_overwrite_checkpoints_is_the_explicit_way_to_start_over(saved):
+    result = run("--train-iters", "2", "--save", str(saved), "--overwrite-checkpoints")
+    assert result.state.iteration == 2 and (saved / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+def test_interrupted_saves_are_cleaned_up_and_an_interrupted_replace_is_restored(saved):
+    (saved / ".iter_0000006.tmp").mkdir()
+    (saved / "latest_checkpointed_iteration.txt.tmp").write_text("6")
+    (saved / "iter_0000004").rename(saved / ".iter_0000004.old")  # killed between the two renames of a re-save
+    rec = Recorder()
+    result = run("--train-iters", "5", "--load", str(saved), "--save", str(saved), observer=rec)
+    assert result.state.iteration == 5 and any("restored" in line for line in rec.lines)
+    assert not [p.name for p in saved.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert recover_directory(saved) == []
+
+
+def test_resuming_a_different_model_is_one_line_naming_the_field(saved):
+    with pytest.raises(ValueError, match=r"--num-attention-heads 2 -> 4"):
+        run("--train-iters", "6", "--load", str(saved), "--save", str(saved), "--num-attention-heads", "4")
+    rec = Recorder()
+    run("--train-iters", "6", "--load", str(saved), "--save", str(saved), "--lr", "1e-3", observer=rec)
+    assert any("changed settings" in line and "--lr 0.003 -> 0.001" in line for line in rec.lines)
+
+
+def test_all_nan_training_stops_without_saving(tmp_path):
+    with pytest.raises(TrainingDiverged, match="in a row had NaN/Inf"):
+        run("--train-iters", "20", "--save", str(tmp_path / "c"), "--save-interval", "5",
+            "--init-method-std", "1e30", "--max-consecutive-skips", "3")
+    assert not (tmp_path / "c" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    class Poison(Observer):  # finite gradients, but the weights go bad (as an overflowing update would)
+        def log(self, message):
+            pass
+
+        def on_step(self, iteration, loss, result):
+            if iteration == 2:
+                with torch.no_grad():
+                    next(self.model.parameters()).view(-1)[0] = float("nan")
+
+        def on_train_start(self, trainer):
+            self.model = trainer.model_chunks[0]
+
+    with pytest.raises(TrainingDiverged, match="weights hold NaN/Inf"):
+        run("--train-iters", "4", "--save", str(tmp_path / "c"), "--save-interval", "1", observer=Poison())
+    assert (tmp_path / "c" / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("num-layers: 2.7\n", "num-layers expects int, got 2.7"),
+    ("train-iters: true\n", "train-iters expects int, got True"),
+    ("num-layers: null\n", "num-layers needs a value"),
+])
+def test_yaml_values_are_never_truncated_or_guessed(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--config", str(path), "--mock-data"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--lr nan", "--lr must be a finite number"), ("--lr inf", "--lr must be a finite number"),
+    ("--lr -0.001 --min-lr -0.01", r"--lr must be in \[0, inf\)"),
+    ("--adam-beta1 1.5", r"--adam-beta1 must be in \[0, 1\)"),
+    ("--clip-grad -1", "--clip-grad must be in"), ("--weight-decay -5", "--weight-decay must be in"),
+    ("--adam-eps 0", r"--adam-eps must be in \(0, inf\)"), ("--max-consecutive-skips -1", "must be >= 0"),
+])
+def test_out_of_range_values_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TINY + flags.split())
+
+
+def test_unwritable_save_is_found_before_training(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--save .*is a file"):
+        run("--train-iters", "2", "--save", str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="--tensorboard-dir .*is a file"):
+        run("--train-iters", "2", "--tensorboard-dir", str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--top-k", "-3")])
+def test_generate_refuses_negative_settings(flag, value):
+    proc = subprocess.run([sys.executable, "tools/generate.py", "--load", "x", flag, value], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"{flag} must be >= 0" in proc.stderr
+
+
+def test_generate_refuses_a_non_finite_checkpoint(saved):
+    path = saved / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
+    payload = torch.load(path, weights_only=False)
+    payload["model"]["decoder.0.mlp.linear_fc1.weight"].fill_(float("nan"))
+    torch.save(payload, path)
+    proc = subprocess.run([sys.executable, "tools/generate.py", "--load", str(saved)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "non-finite weights" in proc.stderr and "Traceback" not in proc.stderr
