@@ -34,3 +34,22 @@ def test_a_spent_budget_skips_runs_and_still_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = [r["result"] for r in json.loads(out.with_suffix(".json").read_text())["runs"]]
     assert results and all("not started" in r["skipped"] for r in results)
+
+
+def test_gpu_suite_plan_comes_from_the_estimator():
+    """The GPU suite's sections 2-3, planned on the CPU: a memory-bound size where bf16-mp recomputes and
+    bf16-sr does not, and each mode's largest model (bf16-sr with BF16 states the larger)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_training_plan", REPO / "tools" / "bench_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    runs = bench.suite("gpu", 139.0)
+    bound = {r.mode: r.flags for r in runs if r.section == "memory-bound"}
+    assert "--recompute-granularity" in bound["bf16-mp"] and "--recompute-granularity" not in bound["bf16-sr"]
+    largest = {r.mode: r.flags for r in runs if r.section == "largest"}
+    size = {m: int(f[f.index("--num-layers") + 1]) * int(f[f.index("--hidden-size") + 1]) ** 2
+            for m, f in largest.items()}
+    assert size["bf16-sr-bf16-states"] > 1.6 * size["bf16-mp"]
+    assert [r.section for r in runs[:4]] == ["1.3B"] * 4

@@ -12,7 +12,7 @@ and reads the peak memory. Results are written after every run (JSON + a markdow
 off by its time budget keeps what it measured; a run that would not finish within the budget is skipped
 and says so.
 
-The GPU suite, in priority order (issue 10):
+The GPU suite, in priority order (issue 10; the CPU smoke runs section 1 in tiny shapes):
   1. 1.3B (hidden 2048, 24 layers, 16 heads), sequence 1024, micro-batch 8: bf16-sr (FP32 and BF16
      states), bf16-mp, bf16;
   2. memory-bound: a size where tools/estimate_memory.py says bf16-mp must recompute to fit and bf16-sr
@@ -136,15 +136,77 @@ def _estimator():
     return module
 
 
+ESTIMATOR_MODES = {"bf16-sr (FP32 states)": "bf16-sr", "bf16-sr (BF16 states)": "bf16-sr-bf16-states",
+                   "bf16-mp": "bf16-mp", "bf16": "bf16"}
+
+
+def recompute_flags(label: str) -> list[str]:
+    """The estimator's recompute label ("none", "selective", "full block 3") as pretrain_gpt.py flags."""
+    if label in ("none", None):
+        return []
+    if label == "selective":
+        return ["--recompute-granularity", "selective"]
+    _, method, n = label.split()
+    return ["--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", n]
+
+
+def shape_flags(layers: int, hidden: int, heads: int, seq: int, vocab: int) -> list[str]:
+    return ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
+            "--seq-length", str(seq), "--vocab-size", str(vocab)]
+
+
+def memory_bound_runs(est, seq: int, vocab: int, mbs: int, gib: float, hidden: int) -> list[tuple[str, list[str]]]:
+    """Section 2: the shallowest depth at `hidden` where bf16-mp cannot run without recomputation but
+    bf16-sr (FP32 states) can; each mode then at the least recompute the estimator says fits."""
+    cfg, world, _ = est.config_from_argv(shape_flags(1, hidden, hidden // 128 or 1, seq, vocab)
+                                         + ["--micro-batch-size", str(mbs)])
+    base = est.dims_from_config(cfg, world)
+    sr = est.Search(int(gib * est.GIB))
+    mp = est.Search(int(gib * est.GIB))
+    for layers in range(1, 257):
+        d = est.family_shape(base, layers, hidden)
+        d = d and est.dataclasses.replace(d, micro_batch=mbs)
+        if d is None:
+            continue
+        if not mp.fits(est.in_mode(d, "bf16-mp"), "none", 0) and sr.fits(est.in_mode(d, "bf16-sr (FP32 states)"),
+                                                                        "none", 0):
+            runs = []
+            for label in ("bf16-sr (FP32 states)", "bf16-sr (BF16 states)", "bf16-mp"):
+                option = est.least_recompute(est.in_mode(d, label), est.Search(int(gib * est.GIB)))
+                if option:
+                    flags = shape_flags(layers, hidden, d.heads, seq, vocab) + ["--micro-batch-size", str(mbs)]
+                    runs.append((ESTIMATOR_MODES[label], flags + recompute_flags(est.recompute_label(*option))))
+            return runs
+    return []
+
+
+def largest_runs(est, seq: int, vocab: int, gib: float) -> list[tuple[str, list[str]]]:
+    """Section 3: the largest model of the estimator's family each mode trains (micro-batch 1)."""
+    cfg, world, _ = est.config_from_argv(["--seq-length", str(seq), "--vocab-size", str(vocab)], family=True)
+    rows = {r["mode"]: r["largest"] for r in est.largest(est.dims_from_config(cfg, world), gib)}
+    runs = []
+    for label in ("bf16-mp", "bf16-sr (BF16 states)"):
+        big = rows.get(label)
+        if big:
+            flags = shape_flags(big["layers"], big["hidden"], big["heads"], seq, vocab) + ["--micro-batch-size", "1"]
+            runs.append((ESTIMATOR_MODES[label], flags + recompute_flags(big["recompute"])))
+    return runs
+
+
 def suite(name: str, gib: float) -> list[Run]:
-    shape, mbs = (GPT_1_3B, "8") if name == "gpu" else (TINY, "2")
-    runs = [Run("1.3B" if name == "gpu" else "tiny", mode, [*shape, "--micro-batch-size", mbs],
-                warmup=3 if name == "gpu" else 1, iters=10 if name == "gpu" else 2)
+    gpu = name == "gpu"
+    shape, mbs = (GPT_1_3B, "8") if gpu else (TINY, "2")
+    runs = [Run("1.3B" if gpu else "tiny", mode, [*shape, "--micro-batch-size", mbs],
+                warmup=3 if gpu else 1, iters=10 if gpu else 2)
             for mode in ("bf16-sr", "bf16-sr-bf16-states", "bf16-mp", "bf16")]
     est = _estimator()
-    if est is not None and hasattr(est, "suite_runs"):  # sections 2 and 3 come from the estimator's answers
-        for section, mode, flags in est.suite_runs(name, gib):
-            runs.append(Run(section, mode, flags, warmup=2 if name == "gpu" else 1, iters=5 if name == "gpu" else 2))
+    if est is None or not gpu:  # sections 2-3 are sized for a GPU's memory (the estimator's family starts at 125M)
+        return runs
+    seq, vocab, hidden, mb = 1024, 50257, 4096, 8
+    for mode, flags in memory_bound_runs(est, seq, vocab, mb, gib, hidden):
+        runs.append(Run("memory-bound", mode, flags, warmup=2 if gpu else 1, iters=5 if gpu else 2))
+    for mode, flags in largest_runs(est, seq, vocab, gib):
+        runs.append(Run("largest", mode, flags, warmup=1, iters=3 if gpu else 1))
     return runs
 
 
@@ -194,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("gpu", "cpu"), help="the prepared suite (see the docstring)")
     p.add_argument("--modes", default="bf16-sr,bf16-mp,bf16", help=f"without --suite: labels of {list(MODES)}")
-    p.add_argument("--gpu-memory-gib", type=float, default=139.0, help="memory the suite sizes sections 2-3 for")
+    p.add_argument("--gpu-memory-gib", type=float, default=139.0, help="memory --suite gpu sizes sections 2-3 for")
     p.add_argument("--budget-minutes", type=float, default=8.0)
     p.add_argument("--output", help="results path without suffix (default bench/results/training_<suite>)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
