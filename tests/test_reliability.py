@@ -167,3 +167,30 @@ def test_generate_refuses_a_non_finite_checkpoint(saved):
     proc = subprocess.run([sys.executable, "tools/generate.py", "--load", str(saved)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "non-finite weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_truncated_checkpoint_names_the_file_and_the_previous_iteration(saved):
+    path = saved / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model_optim_rng.pt: unreadable checkpoint file .*iter_0000002"):
+        run("--train-iters", "6", "--load", str(saved), "--save", str(saved))
+
+
+def test_degenerate_splits_are_an_error_or_a_warning(tmp_path):
+    from data_helpers import write_synthetic
+
+    write_synthetic(str(tmp_path / "d"), [200] * 20, vocab=128)
+    flags = ["--data-path", str(tmp_path / "d"), "--vocab-size", "128", "--train-iters", "2"]
+    argv = [a for a in TINY if a != "--mock-data"] + flags
+    with pytest.raises(ValueError, match="--split 0,100,0: the training split holds no samples"):
+        pretrain(parse_config(argv + ["--split", "0,100,0"]), Recorder())
+    rec = Recorder()
+    pretrain(parse_config(argv + ["--split", "100,0,0"]), rec)
+    assert any("validation split empty" in line for line in rec.lines)
+
+
+def test_device_cuda_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+        pretrain(parse_config(TINY[:-2] + ["--device", "cuda", "--train-iters", "1"]))  # TINY ends --device cpu

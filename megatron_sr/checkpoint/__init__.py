@@ -12,6 +12,7 @@ The trainer calls `save_checkpoint` / `load_checkpoint` below; the optimizer typ
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 from torch import nn
@@ -49,8 +50,11 @@ def saved_config(load_dir: str | Path) -> dict | None:
         raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0][:120]})") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        earlier = sorted(p.name for p in Path(load_dir).glob("iter_*") if p.is_dir() and p.name < directory.name)
+        hint = (f"; the previous iteration here is {earlier[-1]} (write {int(earlier[-1][5:])} into {LATEST} to "
+                "resume from it)" if earlier else "")
+        raise ValueError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0][:100]}){hint}") from None
     return payload.get("config") if isinstance(payload, dict) else None
 
 

@@ -103,6 +103,10 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
     n_params = sum(p.numel() for m in trainer.model_chunks for p in m.parameters())
     observer.log(f" > {n_params / 1e6:.2f}M parameters, precision {cfg.optimizer.precision}, device {trainer.device}")
     train_it, valid_it, _ = build_iterators(cfg, state.consumed_train_samples)
+    if train_it is None:
+        raise ValueError(f"--split {cfg.data.split}: the training split holds no samples")
+    if valid_it is None and cfg.training.eval_iters > 0:
+        observer.log(f" WARNING: --split {cfg.data.split} leaves the validation split empty: no validation loss")
     writer = tensorboard_writer(cfg)
     observer.on_train_start(trainer)
     result = train(trainer, train_it, valid_it, state, observer, writer)

@@ -87,6 +87,8 @@ def initialize(cfg: Config) -> torch.device:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     random.seed(t.seed)
