@@ -163,3 +163,22 @@ def test_stage_layer_range():
     assert list(stage_layer_range(3, 1, 0)) == [0, 1, 2]
     with pytest.raises(ValueError, match="not divisible"):
         stage_layer_range(6, 4, 0)
+
+
+def _untied_pp2_trains():
+    from megatron_sr.config import parse_config
+    from megatron_sr.training.observer import Observer
+    from megatron_sr.training.pretrain import pretrain
+
+    class Quiet(Observer):
+        def log(self, message):
+            pass
+
+    argv = ("--mock-data --vocab-size 128 --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 16 "
+            "--micro-batch-size 1 --global-batch-size 2 --train-iters 2 --eval-interval 0 --eval-iters 1 "
+            "--device cpu --pipeline-model-parallel-size 2 --untie-embeddings-and-output-weights").split()
+    return pretrain(parse_config(argv), Quiet()).state.iteration
+
+
+def test_untied_embeddings_train_with_pipeline_parallelism():
+    assert run_ranks(2, _untied_pp2_trains) == [2, 2]

@@ -41,6 +41,8 @@ def sync_tied_embedding_weights(module: nn.Module) -> None:
     if not _needs_sync():
         return
     params = tied_embedding_params(module)
+    if not params:  # untied embeddings: no stage holds a tied parameter, so no stage broadcasts
+        return
     if len(params) != 1:
         raise ValueError(f"expected one tied embedding parameter on this stage, found {len(params)}")
     first = ps.get_embedding_global_ranks()[0]
