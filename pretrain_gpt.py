@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None):
 
     try:
         return pretrain(cfg)
-    except (FileNotFoundError, ValueError) as exc:  # bad paths, data, checkpoints, divergence: one line
+    except (OSError, ValueError) as exc:  # bad paths, data, checkpoints, a full disk, divergence: one line
         print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops after the iteration)

@@ -1,6 +1,7 @@
 """Never lose a checkpoint, never save a broken model, never run on a wrong config in silence (issue 11)."""
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,32 @@ def test_device_cuda_without_a_gpu_is_one_line():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
         pretrain(parse_config(TINY[:-2] + ["--device", "cuda", "--train-iters", "1"]))  # TINY ends --device cpu
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 500 KiB tmpfs (room for one tiny checkpoint, not two), when this machine lets the test mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:100]}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_during_a_save_loses_nothing(small_disk):
+    from megatron_sr.checkpoint.layout import CheckpointWriteError
+
+    root = small_disk / "ckpt"
+    run("--train-iters", "2", "--save", str(root))
+    before = digest(root)
+    with pytest.raises(CheckpointWriteError, match=r"model_optim_rng.pt: cannot write the checkpoint .* MiB are free"):
+        run("--train-iters", "4", "--load", str(root), "--save", str(root), "--save-interval", "1")
+    assert digest(root) == before and sorted(p.name for p in root.iterdir()) == [
+        "iter_0000002", "latest_checkpointed_iteration.txt"]

@@ -50,10 +50,38 @@ def my_mp_rank_dir() -> str:
                        ps.get_pipeline_model_parallel_world_size())
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (a full disk, a quota): the message names the file and the space."""
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """torch.save, with a failure (torch reports a full disk as a RuntimeError) as one CheckpointWriteError
+    line naming the file, the bytes it needed and the bytes free; the partial file is removed."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as exc:
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:80])
+        raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({reason}): it needs about "
+                                   f"{_tensor_bytes(obj) / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free; "
+                                   "nothing of this save is kept, the previous checkpoint is") from None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        save_file(obj, tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -23,6 +23,7 @@ from .layout import (
     my_mp_rank_dir,
     publish_iteration,
     read_latest_iteration,
+    save_file,
     staging_dir,
 )
 from .rng import rng_state, set_rng_state
@@ -53,7 +54,7 @@ def save_checkpoint(save_dir: str | Path, state: TrainState, model_chunks: list[
                    "rng_state": rng_state(), "config": config}
         path = checkpoint_file(tmp)
         path.parent.mkdir(parents=True)
-        torch.save(payload, path)
+        save_file(payload, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
