@@ -224,3 +224,12 @@ def test_a_full_disk_during_a_save_loses_nothing(small_disk):
         run("--train-iters", "4", "--load", str(root), "--save", str(root), "--save-interval", "1")
     assert digest(root) == before and sorted(p.name for p in root.iterdir()) == [
         "iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path):
+    from data_helpers import write_synthetic
+
+    write_synthetic(str(tmp_path / "d"), [200] * 20, vocab=1000)
+    argv = [a for a in TINY if a != "--mock-data"] + ["--data-path", str(tmp_path / "d"), "--train-iters", "2"]
+    with pytest.raises(ValueError, match=r"holds token id \d+, outside the vocabulary of 128"):
+        pretrain(parse_config(argv), Recorder())

@@ -16,6 +16,26 @@ def num_samples(cfg: Config) -> tuple[int, int, int]:
             t.eval_iters * t.global_batch_size)
 
 
+class VocabChecked(torch.utils.data.Dataset):
+    """A dataset whose samples must hold token ids below the model's vocabulary: a corpus made with another
+    tokenizer is a one-line error at its first bad sample, not an IndexError (a device assert on CUDA)."""
+
+    def __init__(self, dataset, vocab_size: int, source: str):
+        self.dataset, self.vocab_size, self.source = dataset, vocab_size, source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[idx]
+        tokens = sample["tokens"]
+        if tokens.numel() and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+            raise ValueError(f"{self.source}: sample {idx} holds token id {bad}, outside the vocabulary of "
+                             f"{self.vocab_size} (was the data made with another tokenizer?)")
+        return sample
+
+
 def build_datasets(cfg: Config):
     n = num_samples(cfg)
     if cfg.data.mock_data:
@@ -23,8 +43,10 @@ def build_datasets(cfg: Config):
                      for i, k in enumerate(n))
     from ..data import build_gpt_datasets
 
-    return build_gpt_datasets(cfg.data.data_path, cfg.data.split, cfg.model.seq_length, cfg.training.seed, n,
-                              cache_dir=cfg.data.data_cache_path)
+    datasets = build_gpt_datasets(cfg.data.data_path, cfg.data.split, cfg.model.seq_length, cfg.training.seed, n,
+                                  cache_dir=cfg.data.data_cache_path)
+    source = "--data-path " + " ".join(cfg.data.data_path)
+    return tuple(VocabChecked(ds, cfg.model.vocab_size, source) if ds is not None else None for ds in datasets)
 
 
 def build_iterators(cfg: Config, consumed_train_samples: int):
