@@ -233,3 +233,12 @@ def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path):
     argv = [a for a in TINY if a != "--mock-data"] + ["--data-path", str(tmp_path / "d"), "--train-iters", "2"]
     with pytest.raises(ValueError, match=r"holds token id \d+, outside the vocabulary of 128"):
         pretrain(parse_config(argv), Recorder())
+
+
+def test_a_corpus_shorter_than_one_sample_is_an_error(tmp_path):
+    from data_helpers import write_synthetic
+
+    write_synthetic(str(tmp_path / "d"), [5, 3], vocab=100)
+    argv = [a for a in TINY if a != "--mock-data"] + ["--data-path", str(tmp_path / "d"), "--train-iters", "2"]
+    with pytest.raises(ValueError, match="the train split holds 8 tokens, fewer than one sample"):
+        pretrain(parse_config(argv), Recorder())

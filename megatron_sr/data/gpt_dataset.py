@@ -93,6 +93,9 @@ class GPTDataset(torch.utils.data.Dataset):
         if tokens_per_epoch < 2:
             raise ValueError(f"{self.indexed.path_prefix}: {self.name} split has fewer than 2 tokens")
         cfg = self.cfg
+        if self.name == "train" and tokens_per_epoch < cfg.seq_length + 1:  # every sample would repeat it
+            raise ValueError(f"{self.indexed.path_prefix}: the train split holds {tokens_per_epoch} tokens, fewer "
+                             f"than one sample of --seq-length {cfg.seq_length} + 1")
         epochs = num_epochs_needed(tokens_per_epoch, cfg.seq_length, cfg.num_samples)
         doc_rng = np.random.default_rng([cfg.seed, 0])
         document_index = build_document_index(self.documents, epochs, doc_rng)
