@@ -242,3 +242,32 @@ def test_a_corpus_shorter_than_one_sample_is_an_error(tmp_path):
     argv = [a for a in TINY if a != "--mock-data"] + ["--data-path", str(tmp_path / "d"), "--train-iters", "2"]
     with pytest.raises(ValueError, match="the train split holds 8 tokens, fewer than one sample"):
         pretrain(parse_config(argv), Recorder())
+
+
+def _sharded_save_with_a_full_disk_on_rank_1(root: str):
+    import torch.distributed as dist
+
+    from megatron_sr.checkpoint import layout, sharded
+    from megatron_sr.parallel import parallel_state as ps
+
+    ps.initialize_model_parallel(1, 1)
+    model = torch.nn.Linear(4, 4)
+    sharded.save_checkpoint(root, 1, model)  # a good checkpoint first
+    if dist.get_rank() == 1:
+        def full(obj, path):
+            raise OSError(28, "No space left on device")
+
+        layout.torch.save = full
+    try:
+        sharded.save_checkpoint(root, 2, model, rank_state={"r": dist.get_rank()})
+    except OSError as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_a_failing_rank_fails_the_sharded_save_on_every_rank_and_keeps_the_last(tmp_path):
+    from multiproc import run_ranks
+
+    messages = run_ranks(2, _sharded_save_with_a_full_disk_on_rank_1, str(tmp_path))
+    assert "No space left on device" in messages[1] and "another rank could not write" in messages[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]

@@ -19,6 +19,7 @@ A shared filesystem is assumed across nodes.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from .convert import resharded_for_rank
 from .layout import (
     LATEST,
     SHARDED_FORMAT,
+    CheckpointWriteError,
     atomic_torch_save,
     atomic_write_text,
     iteration_dir,
@@ -84,15 +86,24 @@ def save_checkpoint(root: str | Path, iteration: int, model: nn.Module, optimize
         staging_dir(final)
     _barrier()
     dp_rank = ps.get_data_parallel_rank()
-    shard_dir = tmp / my_mp_rank_dir()
-    shard_dir.mkdir(exist_ok=True)
-    if dp_rank == 0:
-        atomic_torch_save(model_shard(model), shard_dir / "model.pt")
     sharded = isinstance(optimizer, DistributedOptimizer) and optimizer.shard
-    if optimizer is not None and (sharded or dp_rank == 0):
-        atomic_torch_save(optimizer.state_dict(), shard_dir / f"optim_dp_{dp_rank:03d}.pt")
-    if rank_state is not None:
-        atomic_torch_save(rank_state, shard_dir / f"rank_dp_{dp_rank:03d}.pt")
+    failure = None
+    try:  # a rank that fails (a full disk) must not leave the others waiting in the barrier
+        shard_dir = tmp / my_mp_rank_dir()
+        shard_dir.mkdir(exist_ok=True)
+        if dp_rank == 0:
+            atomic_torch_save(model_shard(model), shard_dir / "model.pt")
+        if optimizer is not None and (sharded or dp_rank == 0):
+            atomic_torch_save(optimizer.state_dict(), shard_dir / f"optim_dp_{dp_rank:03d}.pt")
+        if rank_state is not None:
+            atomic_torch_save(rank_state, shard_dir / f"rank_dp_{dp_rank:03d}.pt")
+    except OSError as exc:
+        failure = exc
+    if ps.any_rank(failure is not None):
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing of this save is kept; `latest` still names the last
+        raise failure or CheckpointWriteError(f"{final}: another rank could not write its part of the checkpoint")
     _barrier()
     if _rank() == 0:
         meta = {"format": SHARDED_FORMAT, "iteration": iteration, "tp": ps.get_tensor_model_parallel_world_size(),
