@@ -137,7 +137,7 @@ def test_tied_copy_round_trip_and_bad_input(tmp_path, capsys):
     assert list(back.tensors) == list(full.tensors)
     with pytest.raises(ValueError, match="do not divide"):
         write_checkpoint(full, tmp_path / "pp3", tp=1, pp=3)
-    assert _tool().main(["--load", str(tmp_path / "missing"), "--export", str(tmp_path / "x.pt")]) == 1
+    assert _tool().main(["--load", str(tmp_path / "missing"), "--export", str(tmp_path / "x.pt")]) == 2
     assert "missing" in capsys.readouterr().err
 
 

@@ -23,8 +23,8 @@ def preprocess():
 def run_failing(main, argv, capsys):
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith(("preprocess_data.py: error: ", "train_tokenizer.py: error: ")), err
     return err[0]
 
 
@@ -174,7 +174,7 @@ def test_reader_cli_exits_nonzero_with_one_line(dataset):
 
 
 def test_preprocess_cli_as_a_script(tmp_path, tok_model):
-    """Runnable as `python3 tools/preprocess_data.py` from the repo root; errors exit 1 with one line."""
+    """Runnable as `python3 tools/preprocess_data.py` from the repo root; errors exit 2 with one line."""
     src = good_file(tmp_path)
     ok = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
                          str(tmp_path / "out" / "o"), "--tokenizer-model", tok_model, "--workers", "2",
@@ -184,7 +184,8 @@ def test_preprocess_cli_as_a_script(tmp_path, tok_model):
     bad = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "x.txt"),
                           "--output-prefix", str(tmp_path / "o2"), "--tokenizer-model", tok_model],
                          cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'x.txt'}: no such file or directory"
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        f"preprocess_data.py: error: {tmp_path / 'x.txt'}: no such file or directory"
 
 
 def test_train_tokenizer_cli(tmp_path, capsys):

@@ -14,11 +14,72 @@ docs/distributed.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import pickle
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from megatron_sr.checkpoint.convert import padded_vocab_for, read_full_checkpoint, repad_vocab, write_checkpoint
+import torch
+
+from megatron_sr.checkpoint.convert import (
+    FullModel,
+    padded_vocab_for,
+    read_full_checkpoint,
+    repad_vocab,
+    write_checkpoint,
+)
 from megatron_sr.checkpoint.export import write_export
+from megatron_sr.checkpoint.layout import LATEST
+
+TOOL = "convert_checkpoint.py"
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+@contextlib.contextmanager
+def naming_unreadable_files() -> Iterator[None]:
+    """torch.load does not say which file it could not read (a truncated or corrupt one raises a RuntimeError
+    or an unpickling error): while the checkpoint is read, such a failure becomes one line naming the file."""
+    real_load = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_load(f, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{f}: unreadable checkpoint file, truncated or corrupt "
+                             f"({first_line(exc).split('. ')[0][:100] or type(exc).__name__})") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
+def write_or_nothing(full: FullModel, save: str, tp: int, pp: int, dp: int) -> Path:
+    """write_checkpoint, but a refusal or failure half-way leaves nothing of this conversion in `save`: its
+    staging directory (named as in checkpoint/layout.staging_dir) goes, and so does an iteration directory
+    renamed in before `latest` could be written. An iteration that was there before is never touched."""
+    root = Path(save)
+    root_existed = root.exists()
+    final = root / f"iter_{full.iteration:07d}"
+    final_existed = final.exists()
+    try:
+        return write_checkpoint(full, root, tp=tp, pp=pp, dp=dp)
+    except BaseException:
+        shutil.rmtree(root / f".{final.name}.tmp", ignore_errors=True)
+        if not final_existed:
+            shutil.rmtree(final, ignore_errors=True)
+            (root / f"{LATEST}.tmp").unlink(missing_ok=True)
+        if not root_existed:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when empty
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size", "target_data_parallel_size"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
-    try:
-        full = read_full_checkpoint(args.load)
+    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
+        with naming_unreadable_files():
+            full = read_full_checkpoint(args.load)
         if args.layer_numbering:
             full.layer_numbering = args.layer_numbering
         for tie in args.tie:
@@ -62,18 +124,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vocabulary padding {old} -> {padded} rows (padding rows are zeros; logits of padding "
                       "rows change, so the loss differs slightly from the source layout)")
         if args.save:
-            out = write_checkpoint(full, args.save, tp=args.target_tensor_parallel_size,
+            out = write_or_nothing(full, args.save, tp=args.target_tensor_parallel_size,
                                    pp=args.target_pipeline_model_parallel_size, dp=args.target_data_parallel_size)
             print(f"wrote {out}")
         if args.export:
             padded_one = args.target_padded_vocab_size or padded_vocab_for(full.common, 1)
             if padded_one is not None:
                 repad_vocab(full, padded_one)  # the exported model is a tp = 1 model
-            kind = write_export(full, Path(args.export))
+            export = Path(args.export)
+            try:
+                kind = write_export(full, export)
+            except BaseException:  # write_export leaves its temporary name behind on a failure
+                export.with_name(export.name + ".tmp").unlink(missing_ok=True)
+                raise
             print(f"exported {len(full.tensors)} tensors to {args.export} ({kind})")
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"convert_checkpoint: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as exc:
+        print(f"{TOOL}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{TOOL}: error: interrupted; nothing of this conversion is kept", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"{TOOL}: internal error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        raise
     return 0
 
 

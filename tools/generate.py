@@ -9,8 +9,12 @@ The model size and tokenizer come from the checkpoint's saved config (--tokenize
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import pickle
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -18,9 +22,38 @@ from megatron_sr.checkpoint.export import read_model
 from megatron_sr.config import Config
 from megatron_sr.model import GPTModel
 
+TOOL = "generate.py"
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+@contextlib.contextmanager
+def naming_unreadable_files() -> Iterator[None]:
+    """torch.load does not say which file it could not read (a truncated or corrupt one raises a RuntimeError
+    or an unpickling error): while the checkpoint is read, such a failure becomes one line naming the file."""
+    real_load = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_load(f, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{f}: unreadable checkpoint file, truncated or corrupt "
+                             f"({first_line(exc).split('. ')[0][:100] or type(exc).__name__})") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
 
 def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
-    payload = read_model(load)
+    with naming_unreadable_files():
+        payload = read_model(load)
+    if not isinstance(payload.get("model"), dict) or not payload["model"]:
+        raise ValueError(f"{load}: the checkpoint holds no model weights")
     broken = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(f"{load}: the checkpoint holds non-finite weights ({broken[0]} and {len(broken) - 1} more); "
@@ -28,7 +61,10 @@ def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
     cfg = Config.from_dict(payload["config"])
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     model = GPTModel(cfg.model, seed=cfg.training.seed, params_dtype=torch.float32)
-    model.load_state_dict({k: v.float() for k, v in payload["model"].items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in payload["model"].items()})
+    except RuntimeError as exc:  # names or shapes that do not fit the model its own config describes
+        raise ValueError(f"{load}: the weights do not fit the model of its saved config ({first_line(exc)})") from None
     # BF16 matmuls are slow on most CPUs; FP32 inference of BF16 weights gives the same function.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), cfg, int(payload.get("iteration", 0))
@@ -76,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 0 (and finite), got {value}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    try:
+    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
         model, cfg, iteration = load_model(args.load, device)
         tok_path = args.tokenizer_model or cfg.data.tokenizer_model
         if not tok_path:
@@ -84,14 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_sr.data import SentencePieceTokenizer
 
         tok = SentencePieceTokenizer(tok_path)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"generate.py: error: {exc}", file=sys.stderr)
+        # ids at or above the model's vocabulary have no embedding row (and padding rows are no tokens)
+        if cfg.model.vocab_size is not None and tok.vocab_size > cfg.model.vocab_size:
+            flag = "--tokenizer-model " if args.tokenizer_model else ""
+            raise ValueError(f"{flag}{tok_path}: vocabulary of {tok.vocab_size} tokens is larger than the model's "
+                             f"{cfg.model.vocab_size} ({args.load}); use the tokenizer it was trained with")
+        ids = tok.tokenize(args.prompt) if args.prompt else [tok.eod_id]
+        gen = torch.Generator().manual_seed(args.seed)
+        new = generate(model, ids, args.max_new_tokens, cfg.model.seq_length, args.temperature, args.top_k,
+                       tok.vocab_size, tok.eod_id, gen)
+        print(f"[iteration {iteration}] {args.prompt}{tok.detokenize(new)}")
+    except (OSError, ValueError) as exc:
+        print(f"{TOOL}: error: {exc}", file=sys.stderr)
         return 2
-    ids = tok.tokenize(args.prompt) if args.prompt else [tok.eod_id]
-    gen = torch.Generator().manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, cfg.model.seq_length, args.temperature, args.top_k,
-                   tok.vocab_size, tok.eod_id, gen)
-    print(f"[iteration {iteration}] {args.prompt}{tok.detokenize(new)}")
+    except KeyboardInterrupt:
+        print(f"{TOOL}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"{TOOL}: internal error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        raise
     return 0
 
 

@@ -10,8 +10,14 @@ import sys
 from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args
 from megatron_sr.data.preprocess import PreprocessConfig, preprocess
 
+TOOL = "preprocess_data.py"
 
-def parse_args(argv=None):
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_arguments(p)
     g = p.add_argument_group("output")
@@ -27,7 +33,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = PreprocessConfig(inputs=tuple(args.input), output_prefix=args.output_prefix,
@@ -35,12 +41,15 @@ def main(argv=None) -> int:
                                append_eod=args.append_eod, workers=args.workers, dtype=args.dtype,
                                progress=not args.no_progress)
         stats = preprocess(cfg)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # bad input, a full disk: the message names the file
+        print(f"{TOOL}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
+        print(f"{TOOL}: error: interrupted; no output written", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line for the log, then the traceback
+        print(f"{TOOL}: internal error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        raise
     mb = stats.text_bytes / 1e6
     for prefix in stats.outputs:
         print(f"wrote {prefix}.bin/.idx")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import subprocess
 import sys
@@ -27,9 +28,19 @@ SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "inpu
 NEEDED = ("megatron_sr", "torch", "numpy", "sentencepiece", "yaml", "tqdm")  # the tools import the package
 
 
+TOOL = "quickstart.py"
+
+
+class StepFailed(Exception):
+    """A step's command exited non-zero; it has printed its own reason already."""
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc != 0:
+        step = next((a for a in cmd[1:] if a.endswith(".py")), "pip install" if "pip" in cmd else cmd[0])
+        raise StepFailed(f"step {step} failed (exit code {rc}); its reason is printed above")
 
 
 def install_if_missing() -> None:
@@ -63,6 +74,20 @@ def synthetic_corpus(path: Path, paragraphs: int = 3000, seed: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
+        return quickstart(argv)
+    except (StepFailed, OSError, ValueError) as exc:
+        print(f"{TOOL}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{TOOL}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"{TOOL}: internal error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}", file=sys.stderr)
+        raise
+
+
+def quickstart(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", help="text/JSONL files or directories (default: see above)")
     p.add_argument("--corpus", choices=("auto", "shakespeare", "synthetic"), default="auto",
@@ -82,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.input:
-        inputs = args.input
+        inputs = [os.path.abspath(i) for i in args.input]  # the steps run in the repository, not here
     elif args.corpus in ("auto", "shakespeare") and SHARED_SHAKESPEARE.is_file():
         inputs = [str(SHARED_SHAKESPEARE)]
     elif args.corpus == "shakespeare":
-        print(f"quickstart.py: error: {SHARED_SHAKESPEARE} not found", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"--corpus shakespeare: {SHARED_SHAKESPEARE} not found")
     else:
         corpus = work / "synthetic_corpus.txt"
         synthetic_corpus(corpus)

@@ -6,13 +6,29 @@ writes tok.model and tok.vocab. Ids: 0 <unk>, 1 <s>, 2 <eod> (end of document), 
 Accepts the same inputs and input flags as tools/preprocess_data.py.
 """
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
 
 from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args, expand_inputs, iter_documents
 from megatron_sr.data.tokenizer_training import train_sentencepiece
 
+TOOL = "train_tokenizer.py"
 
-def parse_args(argv=None):
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+def remove_temporaries(prefix: str) -> None:
+    """A write that failed (a full disk) leaves its temporary name behind (tokenizer_training._atomic_write)."""
+    for suffix in (".model", ".vocab"):
+        with contextlib.suppress(OSError):
+            Path(f"{prefix}{suffix}.tmp{os.getpid()}").unlink(missing_ok=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_arguments(p)
     p.add_argument("--vocab-size", type=int, required=True)
@@ -26,7 +42,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = corpus_config_from_args(args)
@@ -35,9 +51,16 @@ def main(argv=None) -> int:
         model = train_sentencepiece(docs, args.output_prefix, args.vocab_size, model_type=args.model_type,
                                     character_coverage=args.character_coverage,
                                     input_sentence_size=args.input_sentence_size, num_threads=args.workers)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # bad input, a full disk: the message names the file
+        remove_temporaries(args.output_prefix)
+        print(f"{TOOL}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{TOOL}: error: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line for the log, then the traceback
+        print(f"{TOOL}: internal error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        raise
     print(f"wrote {model} and {args.output_prefix}.vocab ({args.vocab_size} pieces)")
     return 0
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import glob
 import os
 import struct
 from pathlib import Path
@@ -186,7 +187,10 @@ class IndexedDatasetWriter:
         os.replace(self._idx_tmp, index_file_path(self.path_prefix))
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # flushing the buffered tail failed (a full disk): the file is removed all the same
+            pass
         for p in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(p):
                 os.remove(p)
@@ -200,6 +204,33 @@ class IndexedDatasetWriter:
         else:
             self.abort()
         return False
+
+
+def remove_stale_temporaries(path_prefix: str) -> list[str]:
+    """Remove the temporaries (PREFIX.bin.tmpPID, PREFIX.idx.tmpPID) of writers whose process no longer runs
+    (a killed earlier run); returns the paths removed. A running PID's files are kept: they may be in use."""
+    removed = []
+    prefix = Path(path_prefix)
+    for tmp in sorted(prefix.parent.glob(glob.escape(prefix.name) + ".*.tmp*")):
+        head, _, pid = tmp.name.rpartition(".tmp")
+        if head not in (Path(data_file_path(path_prefix)).name, Path(index_file_path(path_prefix)).name) \
+                or not pid.isdigit() or _process_runs(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(str(tmp))
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def write_index(path: str, dtype, lengths: np.ndarray, pointers: np.ndarray, document_indices: np.ndarray) -> None:

@@ -1,6 +1,7 @@
 """Corpus -> Megatron indexed dataset, with tokenizer worker processes (tools/preprocess_data.py)."""
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import sys
 import time
@@ -11,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .corpus import CorpusConfig, DataInputError, expand_inputs, iter_documents
-from .indexed_dataset import IndexedDatasetWriter, check_vocab_fits, optimal_dtype
+from .indexed_dataset import IndexedDatasetWriter, check_vocab_fits, optimal_dtype, remove_stale_temporaries
 from .tokenizer import SentencePieceTokenizer
 
 # per worker task: large enough to amortise inter-process traffic, small enough to balance the workers
@@ -84,6 +85,18 @@ def _batches(docs: Iterator[tuple[str, ...]]) -> Iterator[list[tuple[str, ...]]]
         yield batch
 
 
+class OutputWriteError(OSError):
+    """Writing the dataset failed (a full disk, a lost mount): the message names the output; nothing is kept."""
+
+
+def _write_error(path: str, exc: OSError, doing: str) -> OutputWriteError:
+    """One line naming the output for an OSError from the writer (whose file writes carry no file name)."""
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    err = OutputWriteError(f"{path}: cannot write the dataset: {reason} ({doing}); the partial output is removed")
+    err.errno = exc.errno  # (errno, text) arguments would print as "[Errno 28] ..."
+    return err
+
+
 def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     files = expand_inputs(list(cfg.inputs))
     if not files:
@@ -95,6 +108,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         raise DataInputError(f"--workers: expected a positive number, got {cfg.workers}")
 
     stats = PreprocessStats(outputs=tuple(output_prefixes(cfg)))
+    for prefix in stats.outputs:  # a killed earlier run leaves its temporaries behind
+        stale = remove_stale_temporaries(prefix)
+        if stale:
+            print(f"note: removed {len(stale)} temporary file(s) of an earlier run that no longer runs: "
+                  f"{', '.join(stale)}", file=sys.stderr)
     pool = None
     if cfg.workers > 1:
         # fork where we can: spawn would re-import the package in every worker
@@ -118,7 +136,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         for encoded, nbytes in results:
             for per_key in encoded:
                 for writer, ids in zip(writers, per_key):
-                    writer.add_document(ids)
+                    try:
+                        writer.add_document(ids)
+                    except OSError as exc:
+                        raise _write_error(f"{writer.path_prefix}.bin", exc, f"a write of {ids.nbytes:,} bytes, after "
+                                           f"{stats.tokens * dtype.itemsize:,} bytes of tokens") from None
                 stats.tokens += sum(len(ids) for ids in per_key)
             stats.documents += len(encoded)
             stats.text_bytes += nbytes
@@ -128,7 +150,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         if stats.documents == 0:
             raise DataInputError(f"--input {' '.join(cfg.inputs)}: empty corpus (no documents)")
         for w in writers:
-            w.finalize()
+            try:
+                w.finalize()
+            except OSError as exc:  # the buffered tail of .bin, the .idx or the renames
+                raise _write_error(f"{w.path_prefix}.bin/.idx", exc, "finishing the files after "
+                                   f"{stats.tokens * dtype.itemsize:,} bytes of tokens") from None
     except BaseException:
         for w in writers:
             w.abort()
