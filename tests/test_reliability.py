@@ -271,3 +271,36 @@ def test_a_failing_rank_fails_the_sharded_save_on_every_rank_and_keeps_the_last(
     messages = run_ranks(2, _sharded_save_with_a_full_disk_on_rank_1, str(tmp_path))
     assert "No space left on device" in messages[1] and "another rank could not write" in messages[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path):
+    import re
+    import signal
+    import time
+
+    cmd = [sys.executable, "pretrain_gpt.py", *TINY, "--train-iters", "100000", "--save", str(tmp_path / "ck")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines, deadline = [], time.time() + 120
+    try:
+        while time.time() < deadline:
+            lines.append(proc.stdout.readline())
+            if re.search(r"iteration\s+2/", lines[-1]):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    stopped = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
+    assert proc.returncode == 0 and f"exiting at iteration {stopped} (sigint)" in output, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+def test_a_nan_validation_loss_prints_a_nan_perplexity():
+    from megatron_sr.training.loop import log_validation
+
+    rec = Recorder()
+    log_validation(rec, "validation", 3, float("nan"), None)
+    assert "lm loss PPL: nan" in rec.lines[0].lower().replace("ppl", "PPL") and "4.85" not in rec.lines[0]
