@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_sr.checkpoint import single as checkpointing
 from megatron_sr.config import parse_config
 from megatron_sr.training.pretrain import pretrain
 
@@ -67,7 +66,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)  # every checkpoint file goes through torch.save
     with pytest.raises(OSError):
         run("--train-iters", "3", "--load", str(tmp_path), "--save", str(tmp_path))
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"

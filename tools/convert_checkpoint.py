@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import pickle
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from megatron_sr.checkpoint.convert import (
     FullModel,
@@ -39,26 +34,6 @@ TOOL = "convert_checkpoint.py"
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
-
-
-@contextlib.contextmanager
-def naming_unreadable_files() -> Iterator[None]:
-    """torch.load does not say which file it could not read (a truncated or corrupt one raises a RuntimeError
-    or an unpickling error): while the checkpoint is read, such a failure becomes one line naming the file."""
-    real_load = torch.load
-
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return real_load(f, *args, **kwargs)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{f}: unreadable checkpoint file, truncated or corrupt "
-                             f"({first_line(exc).split('. ')[0][:100] or type(exc).__name__})") from None
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real_load
 
 
 def write_or_nothing(full: FullModel, save: str, tp: int, pp: int, dp: int) -> Path:
@@ -106,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
-        with naming_unreadable_files():
-            full = read_full_checkpoint(args.load)
+        full = read_full_checkpoint(args.load)
         if args.layer_numbering:
             full.layer_numbering = args.layer_numbering
         for tie in args.tie:

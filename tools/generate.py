@@ -9,12 +9,8 @@ The model size and tokenizer come from the checkpoint's saved config (--tokenize
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import pickle
 import sys
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -29,29 +25,8 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
 
 
-@contextlib.contextmanager
-def naming_unreadable_files() -> Iterator[None]:
-    """torch.load does not say which file it could not read (a truncated or corrupt one raises a RuntimeError
-    or an unpickling error): while the checkpoint is read, such a failure becomes one line naming the file."""
-    real_load = torch.load
-
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return real_load(f, *args, **kwargs)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{f}: unreadable checkpoint file, truncated or corrupt "
-                             f"({first_line(exc).split('. ')[0][:100] or type(exc).__name__})") from None
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real_load
-
-
 def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
-    with naming_unreadable_files():
-        payload = read_model(load)
+    payload = read_model(load)
     if not isinstance(payload.get("model"), dict) or not payload["model"]:
         raise ValueError(f"{load}: the checkpoint holds no model weights")
     broken = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -12,14 +12,13 @@ The trainer calls `save_checkpoint` / `load_checkpoint` below; the optimizer typ
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 from torch import nn
 
 from ..distributed.distributed_optimizer import DistributedOptimizer
 from . import sharded, single
-from .layout import LATEST, SINGLE_FILE, TrainState, iteration_dir, read_latest_iteration
+from .layout import LATEST, SINGLE_FILE, TrainState, iteration_dir, load_file, read_latest_iteration
 from .rng import rng_state, set_rng_state
 
 __all__ = ["LATEST", "TrainState", "save_checkpoint", "load_checkpoint", "read_latest_iteration"]
@@ -39,8 +38,6 @@ def save_checkpoint(save_dir: str | Path, state: TrainState, model_chunks: list[
 def saved_config(load_dir: str | Path) -> dict | None:
     """The training config saved with the latest checkpoint in `load_dir` (None without one), read without
     loading its tensors."""
-    import torch
-
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         return None
@@ -49,12 +46,12 @@ def saved_config(load_dir: str | Path) -> dict | None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        payload = load_file(path, mmap=True)
+    except ValueError as exc:
         earlier = sorted(p.name for p in Path(load_dir).glob("iter_*") if p.is_dir() and p.name < directory.name)
         hint = (f"; the previous iteration here is {earlier[-1]} (write {int(earlier[-1][5:])} into {LATEST} to "
                 "resume from it)" if earlier else "")
-        raise ValueError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0][:100]}){hint}") from None
+        raise ValueError(f"{exc}{hint}") from None
     return payload.get("config") if isinstance(payload, dict) else None
 
 

@@ -32,6 +32,7 @@ from .layout import (
     atomic_torch_save,
     atomic_write_text,
     iteration_dir,
+    load_file,
     mp_rank_dir,
     publish_iteration,
     read_metadata,
@@ -69,7 +70,7 @@ def _states_by_name(shard_dir: Path, local: dict[str, torch.Tensor]) -> tuple[di
     files = sorted(shard_dir.glob("optim_dp_*.pt"))
     if not files:
         return {}, 0, 0.0
-    state = merge_state_dicts([torch.load(f, map_location="cpu", weights_only=False) for f in files])
+    state = merge_state_dicts([load_file(f) for f in files])
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{shard_dir}: optimizer state is not {STATE_FORMAT}")
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -105,7 +106,7 @@ def read_single_process_checkpoint(directory: Path, partition_dims: dict[str, in
     partition dims: they come from `partition_dims` (names of a model of any stage; layer numbers
     ignored), else they stay unknown and only tp = 1 targets are possible."""
     path = directory / SINGLE_FILE
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_file(path)
     if payload.get("format") != SINGLE_FORMAT or "model" not in payload:
         raise ValueError(f"{path}: expected a one-chunk {SINGLE_FORMAT} checkpoint")
     dims = {_pattern(n): d for n, d in (partition_dims or {}).items()}
@@ -135,7 +136,7 @@ def read_full_checkpoint(path: str | Path, partition_dims: dict[str, int] | None
     tp, pp = meta["tp"], meta["pp"]
     stages = []
     for p in range(pp):
-        shards = [torch.load(directory / mp_rank_dir(t, p, pp) / "model.pt", map_location="cpu", weights_only=False)
+        shards = [load_file(directory / mp_rank_dir(t, p, pp) / "model.pt")
                   for t in range(tp)]
         states = [_states_by_name(directory / mp_rank_dir(t, p, pp), shards[t]["model"]) for t in range(tp)]
         tensors, pdim, opt, copies = {}, {}, {}, set()
@@ -150,7 +151,7 @@ def read_full_checkpoint(path: str | Path, partition_dims: dict[str, int] | None
         stages.append((tensors, pdim, opt, copies))
     step, lr = states[0][1], states[0][2]
     full = FullModel({}, {}, {}, step=step, lr=lr, iteration=meta["iteration"],
-                     common=torch.load(directory / "common.pt", map_location="cpu", weights_only=False))
+                     common=load_file(directory / "common.pt"))
     layer_offset, post = 0, []
     for p, (tensors, pdim, opt, copies) in enumerate(stages):
         numbers = sorted({int(LAYER.match(n).group(2)) for n in tensors if LAYER.match(n)})

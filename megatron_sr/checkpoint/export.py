@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .convert import FullModel, export_tensors, padded_vocab_for, read_full_checkpoint, repad_vocab
-from .layout import EXPORT_FORMAT, LATEST, SINGLE_FILE
+from .layout import EXPORT_FORMAT, LATEST, SINGLE_FILE, load_file
 
 
 def _jsonable_config(common: dict):
@@ -60,7 +60,7 @@ def read_export(path: Path) -> dict:
             payload = {"model": {k: f.get_tensor(k) for k in f.keys()}, "format": meta.get("format"),
                        "config": json.loads(meta.get("config", "null")), "iteration": int(meta.get("iteration", 0))}
     else:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_file(path)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not a model exported by convert_checkpoint.py (format {EXPORT_FORMAT})")
     if not payload.get("config"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,16 @@ def save_file(obj: Any, path: Path) -> None:
         raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({reason}): it needs about "
                                    f"{_tensor_bytes(obj) / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free; "
                                    "nothing of this save is kept, the previous checkpoint is") from None
+
+
+def load_file(path: str | Path, *, mmap: bool = False) -> Any:
+    """torch.load of a checkpoint file onto the CPU; a truncated or corrupt file (torch's error names no file)
+    is one ValueError line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:100] or type(exc).__name__
+        raise ValueError(f"{path}: unreadable checkpoint file, truncated or corrupt ({reason})") from None
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -37,6 +37,7 @@ from .layout import (
     atomic_torch_save,
     atomic_write_text,
     iteration_dir,
+    load_file,
     my_mp_rank_dir,
     publish_iteration,
     read_latest_iteration,
@@ -201,17 +202,17 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer=None, *, itera
         if optimizer is not None and load_optimizer and optim is not None:
             _load_optimizer(optimizer, iter([optim]), str(directory))
     else:
-        common = torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
-        load_model_shard(model, torch.load(shard_dir / "model.pt", map_location="cpu", weights_only=False),
+        common = load_file(directory / "common.pt")
+        load_model_shard(model, load_file(shard_dir / "model.pt"),
                          str(shard_dir / "model.pt"))
         if optimizer is not None and load_optimizer:
             files = sorted(shard_dir.glob("optim_dp_*.pt"))
             if not files:
                 raise FileNotFoundError(f"{shard_dir}: no optimizer state (optim_dp_*.pt)")
-            _load_optimizer(optimizer, (torch.load(f, map_location="cpu", weights_only=False) for f in files),
+            _load_optimizer(optimizer, (load_file(f) for f in files),
                             str(shard_dir))
     rank_file = shard_dir / f"rank_dp_{ps.get_data_parallel_rank():03d}.pt"
     rank_state = None
     if (meta["tp"], meta["pp"], meta["dp"]) == (tp, pp, ps.get_data_parallel_world_size()) and rank_file.exists():
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = load_file(rank_file)
     return iteration, common, rank_state

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .layout import (
@@ -20,6 +19,7 @@ from .layout import (
     SINGLE_FORMAT,
     TrainState,
     iteration_dir,
+    load_file,
     my_mp_rank_dir,
     publish_iteration,
     read_latest_iteration,
@@ -72,7 +72,7 @@ def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimiz
     path = checkpoint_file(iteration_dir(load_dir, iteration))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_file(path)
     if payload.get("format") != SINGLE_FORMAT:
         raise ValueError(f"{path}: not a megatron-sr checkpoint (format {payload.get('format')!r})")
     for key, model in zip(sorted(k for k in payload if k.startswith("model")), model_chunks):
