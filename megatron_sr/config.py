@@ -32,7 +32,8 @@ class ModelConfig:
     num_layers: int = _opt(12, "transformer layers")
     hidden_size: int = _opt(768, "hidden size")
     num_attention_heads: int = _opt(12, "attention heads")
-    ffn_hidden_size: int | None = _opt(None, "MLP hidden size (default 4 x hidden, or 8/3 x hidden with --swiglu)")
+    ffn_hidden_size: int | None = _opt(None, "MLP hidden size (default 4 x hidden; with --swiglu 8/3 x hidden "
+                                                  "rounded down to a multiple of 64, as Megatron)")
     seq_length: int = _opt(1024, "tokens per sample")
     max_position_embeddings: int | None = _opt(None, "learned position table size (default: seq length)")
     vocab_size: int | None = _opt(None, "vocabulary size (default: the tokenizer's)")
@@ -63,7 +64,8 @@ class ModelConfig:
 class OptimizerConfig:
     lr: float = _opt(1e-4, "peak learning rate")
     min_lr: float = _opt(0.0, "learning rate at the end of decay")
-    lr_decay_style: str = _opt("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
+    lr_decay_style: str = _opt("linear", "decay after warm-up (Megatron's default: linear)",
+                               ("cosine", "linear", "constant"))
     lr_warmup_iters: int = _opt(0, "linear warm-up iterations")
     lr_decay_iters: int | None = _opt(None, "iterations of decay, warm-up included (default: train iters)")
     weight_decay: float = _opt(0.01, "decoupled weight decay (matrices only)")
@@ -169,7 +171,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Pretrain a GPT with BF16 stochastic-rounding AdamW.",
+    # allow_abbrev=False: Megatron's --optimizer adam must not be taken for --optimizer-state-dtype
+    parser = _Parser(description="Pretrain a GPT with BF16 stochastic-rounding AdamW.", allow_abbrev=False,
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file whose keys mirror the flags (the command line wins)")
     for name, (section, f, base) in FLAGS.items():
@@ -329,7 +332,8 @@ def finalize(cfg: Config) -> Config:
     if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("--position-embedding-type rope needs an even head size (hidden size / heads)")
     if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size if not m.swiglu else int(8 * m.hidden_size / 3 + 63) // 64 * 64
+        # Megatron's SwiGLU size: 2/3 of 4h, rounded down to a multiple of 64 (10880 at hidden 4096)
+        m.ffn_hidden_size = 4 * m.hidden_size if not m.swiglu else int((4 * m.hidden_size * 2 / 3) / 64) * 64
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
     if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:

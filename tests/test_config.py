@@ -82,3 +82,13 @@ def test_example_configs_parse(name, monkeypatch):
     if name != "tiny_quickstart":
         script = (REPO / "examples" / f"gpt_{name}.sh").read_text()
         assert f"examples/gpt_{name}.yaml" in script and "torchrun" in script
+
+
+def test_megatron_defaults_and_no_abbreviations():
+    """Silent differences from Megatron-LM (issue 13): the decay style defaults to linear, SwiGLU's FFN rounds
+    down to a multiple of 64, and a flag is never taken as an abbreviation of a longer one."""
+    base = "--mock-data --num-layers 2 --hidden-size 4096 --num-attention-heads 32 --seq-length 16".split()
+    cfg = parse_config(base + ["--swiglu"])
+    assert cfg.optimizer.lr_decay_style == "linear" and cfg.model.ffn_hidden_size == 10880
+    with pytest.raises(ConfigError, match="unrecognized arguments: --optimizer adam"):
+        parse_config(base + ["--optimizer", "adam"])
