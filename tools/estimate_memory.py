@@ -1,14 +1,12 @@
 #!/usr/bin/env python3
 """Peak memory per GPU of a pretrain_gpt.py configuration, computed without a GPU.
 
-    python3 tools/estimate_memory.py [pretrain_gpt.py flags] [--world-size N] [--loss-chunk-tokens C]
-                                     [--fit GIB | --largest GIB] [--json]
+    python3 tools/estimate_memory.py [pretrain_gpt.py flags] [--world-size N] [--fit GIB | --largest GIB] [--json]
 
 The flags are pretrain_gpt.py's (`megatron_sr.config.parse_config`; `--mock-data` is added when there
 is no `--data-path`). `--world-size` (default tp x pp) sets the data-parallel size dp = world / (tp x pp).
-`--loss-chunk-tokens` is pretrain_gpt.py's where config.py has it (the model then always takes
-model/lm_loss.py's chunked LM head; 0 = one chunk of all tokens); otherwise this tool's own flag
-(0 = the plain [tokens, vocab] logits and cross entropy).
+The loss is model/lm_loss.py's chunked LM head, `--loss-chunk-tokens` tokens at a time (0 = one chunk);
+the plain [tokens, vocab] logits are modelled too (`Dims.chunked_loss=False`), as the tests compare them.
 Default: the breakdown of the configuration, then the same configuration in each precision mode.
 `--fit GIB`: per precision mode, the largest micro-batch and the least recompute that fit in GIB.
 `--largest GIB`: per precision mode, the largest GPT of the family below that trains in GIB
@@ -114,16 +112,13 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from megatron_sr.config import FLAGS, Config, ConfigError, build_parser, load_yaml, parse_config
+from megatron_sr.config import Config, ConfigError, build_parser, load_yaml, parse_config
 from megatron_sr.distributed.param_and_grad_buffer import ALIGN, DEFAULT_BUCKET_SIZE
 from megatron_sr.model.gpt import padded_vocab_size
 from megatron_sr.precision import precision_mode
 
 GIB = 1024 ** 3
 BYTES = {"fp32": 4, "bf16": 2}
-# Once config.py has --loss-chunk-tokens the model computes its loss with model/lm_loss.py (0: one chunk);
-# before, the plain [tokens, vocab] logits, and this tool's own --loss-chunk-tokens models lm_loss.py.
-CHUNKED_LOSS_WIRED = "loss_chunk_tokens" in FLAGS
 
 
 class EstimateError(ValueError):
@@ -200,8 +195,7 @@ def _recompute(m) -> tuple[str, int]:
 
 
 def dims_from_config(cfg: Config, world_size: int, loss_chunk_tokens: int | None = None) -> Dims:
-    """The numbers of `cfg` at `world_size`; `loss_chunk_tokens` overrides the config's (or, before
-    config.py had the flag, gives it: 0 then means the plain logits)."""
+    """The numbers of `cfg` at `world_size`; `loss_chunk_tokens` overrides the config's."""
     m, o, t, p = cfg.model, cfg.optimizer, cfg.training, cfg.parallel
     if m.ffn_hidden_size % p.tensor_model_parallel_size:
         raise EstimateError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
@@ -209,7 +203,7 @@ def dims_from_config(cfg: Config, world_size: int, loss_chunk_tokens: int | None
     dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
     method, n = _recompute(m)
     if loss_chunk_tokens is None:
-        loss_chunk_tokens = getattr(m, "loss_chunk_tokens", 0)
+        loss_chunk_tokens = m.loss_chunk_tokens
     return Dims(
         layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads, ffn=m.ffn_hidden_size,
         seq=m.seq_length, vocab=m.vocab_size, vocab_divisible_by=m.make_vocab_size_divisible_by,
@@ -222,7 +216,7 @@ def dims_from_config(cfg: Config, world_size: int, loss_chunk_tokens: int | None
         recompute=method, recompute_layers=n or 0, precision=o.precision, grad_dtype=o.grad_dtype,
         state_dtype=o.optimizer_state_dtype, distributed_optimizer=p.use_distributed_optimizer,
         bucket_size=p.ddp_bucket_size or DEFAULT_BUCKET_SIZE, clip_grad=o.clip_grad,
-        loss_chunk_tokens=loss_chunk_tokens, chunked_loss=CHUNKED_LOSS_WIRED or loss_chunk_tokens > 0)
+        loss_chunk_tokens=loss_chunk_tokens, chunked_loss=True)
 
 
 @contextlib.contextmanager
@@ -904,8 +898,8 @@ def _non_negative(flag: str, kind=float):
 
 def build_tool_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="estimate_memory.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                 epilog="Every other flag is pretrain_gpt.py's (--loss-chunk-tokens included, where config.py has "
-                        "it). Precision modes compared: bf16-sr with FP32 states, bf16-sr with BF16 states, bf16-mp, "
+                 epilog="Every other flag is pretrain_gpt.py's (--loss-chunk-tokens included). Precision modes "
+                        "compared: bf16-sr with FP32 states, bf16-sr with BF16 states, bf16-mp, "
                         "bf16. --fit tries micro-batches 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 x), "
                         "recompute none < selective < full block 1 .. Ls-1 < full uniform 1. --largest family: "
                         "hidden h, L layers, h/128 heads, ffn 4h, seq and vocab from the flags; GPT-3's and "
@@ -913,9 +907,6 @@ def build_tool_parser() -> argparse.ArgumentParser:
                         "Terms and assumptions: the module docstring.",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=None, help="GPUs (default tp x pp); dp = world / (tp x pp)")
-    if not CHUNKED_LOSS_WIRED:  # else it is pretrain_gpt.py's own flag, passed through
-        ap.add_argument("--loss-chunk-tokens", type=_non_negative("--loss-chunk-tokens", int), default=0,
-                        help="tokens per LM-head chunk of lm_loss.py (0: the plain full logits)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fit", type=_positive_float("--fit"), metavar="GIB",
                       help="per precision mode: the largest micro-batch and least recompute that fit")
@@ -937,7 +928,7 @@ def run(argv: list[str]) -> tuple[dict, Dims, bool]:
     """Parse and compute: (the report as --json prints it, the configuration's Dims, whether --json)."""
     args, rest = build_tool_parser().parse_known_args(argv)
     cfg, world, global_given = config_from_argv(rest, args.world_size, family=args.largest is not None)
-    d = dims_from_config(cfg, world, getattr(args, "loss_chunk_tokens", None))
+    d = dims_from_config(cfg, world)
     allowance = Allowance(args.context_gib, args.nccl_gib, args.fragmentation)
     prof = CPU if args.device_profile == "cpu" else CUDA
     if args.fit is not None:
