@@ -10,29 +10,23 @@ from __future__ import annotations
 
 import sys
 
-from megatron_sr.config import ConfigError, parse_config
+from megatron_sr.cli import run_tool
+from megatron_sr.config import parse_config
 
 
 def main(argv: list[str] | None = None):
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as exc:
-        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    from megatron_sr.training.pretrain import pretrain
+    """The run's LoopResult, or the exit code of a failure (megatron_sr.cli: one line, exit 2)."""
 
-    try:
+    def train():
+        cfg = parse_config(argv)  # ConfigError is a ValueError: one line naming the flag
+        from megatron_sr.training.pretrain import pretrain
+
         return pretrain(cfg)
-    except (OSError, ValueError) as exc:  # bad paths, data, checkpoints, a full disk, divergence: one line
-        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops after the iteration)
-        print("pretrain_gpt.py: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # a bug: say so in one line, then the traceback for the report
-        print(f"pretrain_gpt.py: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise
+
+    # a second Ctrl-C ends up here (the first one saves and stops after the iteration)
+    return run_tool("pretrain_gpt.py", train)
 
 
 if __name__ == "__main__":
-    main()
+    outcome = main()
+    sys.exit(outcome if isinstance(outcome, int) else 0)

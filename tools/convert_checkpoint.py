@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import sys
 from pathlib import Path
 
 from megatron_sr.checkpoint.convert import (
@@ -28,12 +27,10 @@ from megatron_sr.checkpoint.convert import (
 )
 from megatron_sr.checkpoint.export import write_export
 from megatron_sr.checkpoint.layout import LATEST
+from megatron_sr.cli import run_tool
 
 TOOL = "convert_checkpoint.py"
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]
 
 
 def write_or_nothing(full: FullModel, save: str, tp: int, pp: int, dp: int) -> Path:
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size", "target_data_parallel_size"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
-    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
+    def run() -> int:
         full = read_full_checkpoint(args.load)
         if args.layer_numbering:
             full.layer_numbering = args.layer_numbering
@@ -112,16 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 export.with_name(export.name + ".tmp").unlink(missing_ok=True)
                 raise
             print(f"exported {len(full.tensors)} tensors to {args.export} ({kind})")
-    except (OSError, ValueError) as exc:
-        print(f"{TOOL}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{TOOL}: error: interrupted; nothing of this conversion is kept", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"{TOOL}: internal error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
-        raise
-    return 0
+        return 0
+
+    return run_tool(TOOL, run, interrupted="error: interrupted; nothing of this conversion is kept")
 
 
 if __name__ == "__main__":

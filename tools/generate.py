@@ -15,14 +15,12 @@ import sys
 import torch
 
 from megatron_sr.checkpoint.export import read_model
+from megatron_sr.cli import first_line, run_tool
 from megatron_sr.config import Config
 from megatron_sr.model import GPTModel
 
 TOOL = "generate.py"
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]
 
 
 def load_model(load: str, device: torch.device) -> tuple[GPTModel, Config, int]:
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 0 (and finite), got {value}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
+    def run() -> int:
         model, cfg, iteration = load_model(args.load, device)
         tok_path = args.tokenizer_model or cfg.data.tokenizer_model
         if not tok_path:
@@ -105,16 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         new = generate(model, ids, args.max_new_tokens, cfg.model.seq_length, args.temperature, args.top_k,
                        tok.vocab_size, tok.eod_id, gen)
         print(f"[iteration {iteration}] {args.prompt}{tok.detokenize(new)}")
-    except (OSError, ValueError) as exc:
-        print(f"{TOOL}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{TOOL}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"{TOOL}: internal error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
-        raise
-    return 0
+        return 0
+
+    return run_tool(TOOL, run)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@
 import argparse
 import sys
 
+from megatron_sr.cli import run_tool
 from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args
 from megatron_sr.data.preprocess import PreprocessConfig, preprocess
 
 TOOL = "preprocess_data.py"
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,27 +33,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    def run() -> int:
         cfg = PreprocessConfig(inputs=tuple(args.input), output_prefix=args.output_prefix,
                                tokenizer_model=args.tokenizer_model, corpus=corpus_config_from_args(args),
                                append_eod=args.append_eod, workers=args.workers, dtype=args.dtype,
                                progress=not args.no_progress)
         stats = preprocess(cfg)
-    except (ValueError, OSError) as e:  # bad input, a full disk: the message names the file
-        print(f"{TOOL}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{TOOL}: error: interrupted; no output written", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line for the log, then the traceback
-        print(f"{TOOL}: internal error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
-        raise
-    mb = stats.text_bytes / 1e6
-    for prefix in stats.outputs:
-        print(f"wrote {prefix}.bin/.idx")
-    print(f"{stats.documents} documents, {stats.tokens} tokens, {mb:.1f} MB of text in {stats.seconds:.1f} s "
-          f"({mb / max(stats.seconds, 1e-9):.2f} MB/s, {args.workers} workers)")
-    return 0
+        mb = stats.text_bytes / 1e6
+        for prefix in stats.outputs:
+            print(f"wrote {prefix}.bin/.idx")
+        print(f"{stats.documents} documents, {stats.tokens} tokens, {mb:.1f} MB of text in {stats.seconds:.1f} s "
+              f"({mb / max(stats.seconds, 1e-9):.2f} MB/s, {args.workers} workers)")
+        return 0
+
+    return run_tool(TOOL, run, interrupted="error: interrupted; no output written")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def synthetic_corpus(path: Path, paragraphs: int = 3000, seed: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:  # the one error boundary: expected failures are one line and exit 2, a bug keeps its traceback
+    # megatron_sr.cli.run_tool's boundary, written out: this tool runs before the package may be installed
+    try:
         return quickstart(argv)
     except (StepFailed, OSError, ValueError) as exc:
         print(f"{TOOL}: error: {exc}", file=sys.stderr)

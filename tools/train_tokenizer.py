@@ -11,14 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_sr.cli import run_tool
 from megatron_sr.data.corpus import add_corpus_arguments, corpus_config_from_args, expand_inputs, iter_documents
 from megatron_sr.data.tokenizer_training import train_sentencepiece
 
 TOOL = "train_tokenizer.py"
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]
 
 
 def remove_temporaries(prefix: str) -> None:
@@ -44,25 +42,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    def run() -> int:
         cfg = corpus_config_from_args(args)
         files = expand_inputs(args.input)
         docs = (d for doc in iter_documents(files, cfg) for d in doc)
         model = train_sentencepiece(docs, args.output_prefix, args.vocab_size, model_type=args.model_type,
                                     character_coverage=args.character_coverage,
                                     input_sentence_size=args.input_sentence_size, num_threads=args.workers)
-    except (ValueError, OSError) as e:  # bad input, a full disk: the message names the file
-        remove_temporaries(args.output_prefix)
-        print(f"{TOOL}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{TOOL}: error: interrupted; no output written", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line for the log, then the traceback
-        print(f"{TOOL}: internal error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
-        raise
-    print(f"wrote {model} and {args.output_prefix}.vocab ({args.vocab_size} pieces)")
-    return 0
+        print(f"wrote {model} and {args.output_prefix}.vocab ({args.vocab_size} pieces)")
+        return 0
+
+    return run_tool(TOOL, run, interrupted="error: interrupted; no output written",
+                    on_failure=lambda: remove_temporaries(args.output_prefix))
 
 
 if __name__ == "__main__":

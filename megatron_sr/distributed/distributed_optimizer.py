@@ -31,7 +31,7 @@ from ..config import OptimizerConfig
 from ..optimizer.adamw_reference import AdamWConstants, step_scalars
 from ..optimizer.chunks import AdamWChunk, group_by_sr_key, weight_decay_for
 from ..optimizer.dispatch import adamw_step_
-from ..optimizer.sr_adamw import StepResult, finite_step  # one result type and skip rule for both optimizers
+from ..optimizer.sr_adamw import DeviceStepCount, StepResult, finite_step  # shared by both optimizers
 from ..optimizer.sr_streams import check_sr_streams
 from ..parallel import parallel_state as ps
 from ..parallel.grad_norm import clip_grads_on_device_, global_grad_norm
@@ -51,7 +51,7 @@ class _Piece:
     state_offset: int  # range start in this rank's flat state tensors
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(DeviceStepCount):
     def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, *, seed: int,
                  shard_over_dp: bool | None = None):
         mode = precision_mode(config.precision)
@@ -87,15 +87,6 @@ class DistributedOptimizer:
         # updates applied, on the device: the SR stream's step counter and the bias corrections read it there
         self._step = torch.zeros((), dtype=torch.int64, device=device)
         self._groups = self._chunk_groups()
-
-    @property
-    def step_count(self) -> int:
-        """Updates applied so far (reading it synchronises with the device)."""
-        return int(self._step)
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self._step.fill_(int(value))
 
     def _chunk_groups(self):
         """AdamW chunks grouped by SR key (adamw_step_ takes one key per call)."""

@@ -58,7 +58,22 @@ def finite_step(norm: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return skip
 
 
-class SRAdamW:
+class DeviceStepCount:
+    """`step_count` over an optimizer's device counter `_step` (both optimizers keep the count there)."""
+
+    _step: torch.Tensor
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (reading it synchronises with the device)."""
+        return int(self._step)
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step.fill_(int(value))
+
+
+class SRAdamW(DeviceStepCount):
     def __init__(self, model_chunks: list[nn.Module], config: OptimizerConfig, *, seed: int):
         mode = precision_mode(config.precision)
         self.config, self.precision, self.seed = config, config.precision, seed
@@ -87,15 +102,6 @@ class SRAdamW:
                 p.register_post_accumulate_grad_hook(_accumulate_into(buf))
 
     # ---- the trainer's optimizer interface ----
-    @property
-    def step_count(self) -> int:
-        """Updates applied so far (reading it synchronises with the device)."""
-        return int(self._step)
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self._step.fill_(int(value))
-
     @property
     def param_groups(self) -> list[dict]:
         return [{"lr": self.lr}]
