@@ -22,6 +22,7 @@ torchrun --standalone --nproc-per-node "$NPROC" pretrain_gpt.py \
     --tensor-model-parallel-size "$TP" \
     --pipeline-model-parallel-size "$PP" \
     --use-distributed-optimizer \
+    --overlap-param-gather \
     --sequence-parallel \
     --micro-batch-size 4 --global-batch-size 512 \
     --data-path $DATA --tokenizer-model "$TOKENIZER" \

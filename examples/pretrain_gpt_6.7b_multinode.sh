@@ -30,6 +30,7 @@ torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --tensor-model-parallel-size "$TP" \
     --pipeline-model-parallel-size "$PP" \
     --use-distributed-optimizer \
+    --overlap-param-gather \
     --sequence-parallel \
     --micro-batch-size 1 --global-batch-size 1024 \
     --data-path $DATA --tokenizer-model "$TOKENIZER" \

@@ -90,5 +90,10 @@ def test_megatron_defaults_and_no_abbreviations():
     base = "--mock-data --num-layers 2 --hidden-size 4096 --num-attention-heads 32 --seq-length 16".split()
     cfg = parse_config(base + ["--swiglu"])
     assert cfg.optimizer.lr_decay_style == "linear" and cfg.model.ffn_hidden_size == 10880
-    with pytest.raises(ConfigError, match="unrecognized arguments: --optimizer adam"):
-        parse_config(base + ["--optimizer", "adam"])
+    # --optimizer adam is Megatron's AdamW here too, not an abbreviation of --optimizer-state-dtype
+    cfg = parse_config(base + ["--optimizer", "adam"])
+    assert cfg.optimizer.optimizer == "adam" and cfg.optimizer.optimizer_state_dtype == "fp32"
+    with pytest.raises(ConfigError, match="^--optimizer sgd: not supported"):
+        parse_config(base + ["--optimizer", "sgd"])
+    with pytest.raises(ConfigError, match="unrecognized arguments: --optimizer-state"):
+        parse_config(base + ["--optimizer-state", "bf16"])  # a prefix of a flag is not that flag

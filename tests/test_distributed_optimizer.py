@@ -118,7 +118,8 @@ def _check_overlap(rank, world):
     """A bucket's reduce-scatter is launched while backward still has gradients to produce."""
     model = make_model(torch.bfloat16)
     ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.bfloat16, use_distributed_optimizer=True,
-                                                   bucket_size=50), dp_group=ps.get_data_parallel_group())
+                                                   bucket_size=50, overlap_grad_reduce=True),
+                                  dp_group=ps.get_data_parallel_group())
     assert len(ddp.buffer.buckets) >= 3
     ddp.event_log = []
     x, y = batches(1, 4)[0]
@@ -129,6 +130,16 @@ def _check_overlap(rank, world):
     assert first_launch < last_grad, log
     assert [e[1] for e in log if e[0] == "launch"] == list(range(len(ddp.buffer.buckets))), log
     ddp.finish_grad_sync()
+    overlapped = ddp.buffer.grad_data.clone()
+    # Megatron's default (no --overlap-grad-reduce): nothing starts during backward, the same result after it
+    ddp = DistributedDataParallel(make_model(torch.bfloat16), DDPConfig(
+        grad_dtype=torch.bfloat16, use_distributed_optimizer=True, bucket_size=50),
+        dp_group=ps.get_data_parallel_group())
+    ddp.event_log = []
+    nn.functional.mse_loss(ddp(x.bfloat16()).float(), y).backward()
+    assert not any(kind == "launch" for kind, _ in ddp.event_log), ddp.event_log
+    ddp.finish_grad_sync()
+    assert torch.equal(ddp.buffer.grad_data, overlapped)
 
 
 def _run_all(world):

@@ -79,7 +79,7 @@ def test_late_sync_bucket_waits_for_the_callback():
     model = _params()
     first = list(model.parameters())[0]  # lies in the last bucket (backward order)
     calls = []
-    ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.float32, bucket_size=10),
+    ddp = DistributedDataParallel(model, DDPConfig(grad_dtype=torch.float32, bucket_size=10, overlap_grad_reduce=True),
                                   late_sync_params=[first], before_late_sync=lambda: calls.append(1))
     late = ddp.buffer.param_to_bucket[first].index
     ddp.event_log = []

@@ -28,14 +28,16 @@ class _Opt:
 
 
 def test_lr_schedule_warmup_then_cosine_or_linear_to_min():
-    s = LRScheduler(_Opt(), max_lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, decay_style="cosine")
+    """lr_at(steps taken); iteration i's update uses lr_at(i - 1), as Megatron (more in tests/test_lr_schedule.py)."""
+    s = LRScheduler(_Opt(), max_lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110, decay_style="cosine")
     assert s.lr_at(1) == pytest.approx(0.1) and s.lr_at(10) == pytest.approx(1.0)
     assert s.lr_at(60) == pytest.approx(0.55)  # half way through the cosine
     assert s.lr_at(110) == pytest.approx(0.1) and s.lr_at(500) == pytest.approx(0.1)
-    lin = LRScheduler(_Opt(), max_lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=100, decay_style="linear")
+    assert s.lr_of_iteration(1) == 0.0 and s.lr_of_iteration(11) == pytest.approx(1.0)
+    lin = LRScheduler(_Opt(), max_lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=100, decay_style="linear")
     assert lin.lr_at(25) == pytest.approx(0.75)
     opt = _Opt()
-    LRScheduler(opt, max_lr=2.0, min_lr=0.0, warmup_iters=0, decay_iters=10, decay_style="constant").step(7)
+    LRScheduler(opt, max_lr=2.0, min_lr=0.0, warmup_steps=0, decay_steps=10, decay_style="constant").step(7)
     assert opt.lr == 2.0
 
 
@@ -104,7 +106,8 @@ LOG_FIELDS = [r"iteration\s+\d+/\s*\d+", r"consumed samples:\s+\d+", r"elapsed t
 def test_pretrain_gpt_end_to_end_log_tensorboard_and_sigterm(tmp_path):
     """pretrain_gpt.py as a user runs it: Megatron log fields, TensorBoard events, SIGTERM -> checkpoint."""
     cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *TINY, "--micro-batch-size", "2", "--global-batch-size",
-           "4", "--train-iters", "100000", "--save", str(tmp_path / "ck"), "--tensorboard-dir", str(tmp_path / "tb")]
+           "4", "--train-iters", "100000", "--save", str(tmp_path / "ck"), "--tensorboard-dir", str(tmp_path / "tb"),
+           "--exit-signal-handler"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, deadline = [], time.time() + 120

@@ -71,7 +71,7 @@ def measure(argv: list[str], warmup: int) -> dict:
     from megatron_sr.training.observer import Observer
     from megatron_sr.training.pretrain import pretrain
     from megatron_sr.training.setup import compiles
-    from megatron_sr.training.throughput import flops_per_iteration, peak_bf16_tflops
+    from megatron_sr.training.throughput import flops_per_iteration, model_shape, peak_bf16_tflops
 
     cfg = parse_config(argv)
 
@@ -108,7 +108,7 @@ def measure(argv: list[str], warmup: int) -> dict:
     step_s = (timing.t1 - timing.t0) / (t.train_iters - warmup)
     tokens = t.global_batch_size * m.seq_length
     model_flops = flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size,
-                                      trainer.model_chunks[0].vocab_size)
+                                      trainer.model_chunks[0].vocab_size, **model_shape(m))
     peak = peak_bf16_tflops(device)
     mem = trainer.optimizer.memory_bytes()
     return {

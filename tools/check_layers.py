@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = "megatron_sr"  # the package itself: may import nothing from the package, so anyone may import it
 FLOORS: list[tuple[str, tuple[str, ...]]] = [  # bottom to top; (floor name, units)
     # dtypes, process groups, TP layers, the entry points' error boundary
-    ("primitives", ("megatron_sr.precision", "megatron_sr.parallel", "megatron_sr.cli")),
+    # and the table of Megatron-LM's flags
+    ("primitives", ("megatron_sr.precision", "megatron_sr.parallel", "megatron_sr.cli", "megatron_sr.megatron_flags")),
     ("config", ("megatron_sr.config",)),  # the parsed run configuration
     ("data", ("megatron_sr.data",)),  # tokenizers, indexed datasets, samplers
     ("model/pipeline/optimizer", ("megatron_sr.model", "megatron_sr.pipeline", "megatron_sr.optimizer")),  # peers

@@ -161,6 +161,12 @@ class Dims:
     clip_grad: float = 1.0
     loss_chunk_tokens: int = 0
     chunked_loss: bool = False  # lm_loss.py's chunked LM head (else the plain logits + cross entropy)
+    # parameter shapes of --group-query-attention, --kv-channels, --normalization, --position-embedding-type
+    # (the activation terms above are those of full multi-head attention with LayerNorm)
+    query_groups: int = 0  # 0: one per head
+    head_dim: int = 0  # 0: hidden / heads
+    norm_bias: bool = True  # LayerNorm; RMSNorm has a weight only
+    position_table: bool = True  # learned_absolute; rope and none have no position parameters
 
     @property
     def dp(self) -> int:
@@ -216,7 +222,9 @@ def dims_from_config(cfg: Config, world_size: int, loss_chunk_tokens: int | None
         recompute=method, recompute_layers=n or 0, precision=o.precision, grad_dtype=o.grad_dtype,
         state_dtype=o.optimizer_state_dtype, distributed_optimizer=p.use_distributed_optimizer,
         bucket_size=p.ddp_bucket_size or DEFAULT_BUCKET_SIZE, clip_grad=o.clip_grad,
-        loss_chunk_tokens=loss_chunk_tokens, chunked_loss=True)
+        loss_chunk_tokens=loss_chunk_tokens, chunked_loss=True, head_dim=m.head_dim,
+        query_groups=m.query_groups if m.group_query_attention else 0,
+        norm_bias=m.normalization == "LayerNorm", position_table=m.position_embedding_type == "learned_absolute")
 
 
 @contextlib.contextmanager
@@ -283,23 +291,29 @@ def stage_params(d: Dims, pp_rank: int, *, unsharded: bool = False) -> list[tupl
     out: list[tuple[str, int]] = []
     if first:
         out.append(("embedding.word_embeddings.weight", vocab * h))
-        if not d.rope:
+        if d.position_table:
             out.append(("embedding.position_embeddings.weight", d.max_positions * h))
     mlp = ["linear_fc1", "linear_fc1_gate", "linear_fc2"] if d.swiglu else ["linear_fc1", "linear_fc2"]
+    head_dim, groups = d.head_dim or h // d.heads, d.query_groups or d.heads
+    qkv, proj = (d.heads + 2 * groups) * head_dim, d.heads * head_dim  # rows of the fused qkv; proj inputs
+
+    def norm(name: str) -> list[tuple[str, int]]:
+        return [(name + ".weight", h)] + ([(name + ".bias", h)] if d.norm_bias else [])
+
     for i in range(d.layers if unsharded else d.layers_per_stage):
         pre = f"decoder.{i}."
-        out += [(pre + "input_layernorm.weight", h), (pre + "input_layernorm.bias", h)]
-        out.append((pre + "self_attention.linear_qkv.weight", 3 * h // t * h))
-        out += [(pre + "self_attention.linear_qkv.bias", 3 * h // t)] if d.bias else []
-        out.append((pre + "self_attention.linear_proj.weight", h * (h // t)))
+        out += norm(pre + "input_layernorm")
+        out.append((pre + "self_attention.linear_qkv.weight", qkv // t * h))
+        out += [(pre + "self_attention.linear_qkv.bias", qkv // t)] if d.bias else []
+        out.append((pre + "self_attention.linear_proj.weight", h * (proj // t)))
         out += [(pre + "self_attention.linear_proj.bias", h)] if d.bias else []
-        out += [(pre + "pre_mlp_layernorm.weight", h), (pre + "pre_mlp_layernorm.bias", h)]
+        out += norm(pre + "pre_mlp_layernorm")
         for name in mlp:
             column = name != "linear_fc2"
             out.append((f"{pre}mlp.{name}.weight", d.ffn // t * h))
             out += [(f"{pre}mlp.{name}.bias", d.ffn // t if column else h)] if d.bias else []
     if last:
-        out += [("final_layernorm.weight", h), ("final_layernorm.bias", h)]
+        out += norm("final_layernorm")
         if not d.tied or not first:  # untied, or the last stage's copy of the tied embedding
             out.append(("output_layer.weight", vocab * h))
     return out
@@ -462,7 +476,7 @@ def layers_saved(d: Dims, prof: Profile = CUDA) -> int:
 def position_ids_bytes(d: Dims, pp_rank: int) -> int:
     """The position-id storage (s int64, shared by all micro-batches): saved by the learned position
     embedding on the first stage and by full recompute's checkpoints."""
-    saved = (pp_rank == 0 and not d.rope) or d.recompute in ("uniform", "block")
+    saved = (pp_rank == 0 and d.position_table) or d.recompute in ("uniform", "block")
     return d.seq * 8 if saved else 0
 
 
@@ -713,12 +727,16 @@ FAMILY = [("125M", 12, 768), ("350M", 24, 1024), ("760M", 24, 1536), ("1.3B", 24
 
 
 def family_shape(d: Dims, layers: int, hidden: int) -> Dims | None:
-    """The family member (h/128 heads, ffn 4h, micro-batch 1) with the flags' other settings; None when
-    the layout cannot hold it (heads not divisible by tp, layers not by pp)."""
+    """The family member (h/128 heads of size 128, ffn 4h, micro-batch 1) with the flags' other settings
+    (--num-query-groups kept); None when the layout cannot hold it (heads not divisible by tp or by the
+    query groups, layers not by pp)."""
     heads = hidden // 128
     if heads % d.tp or layers % d.pp or layers < d.pp or (4 * hidden) % d.tp:
         return None
-    return dataclasses.replace(d, layers=layers, hidden=hidden, heads=heads, ffn=4 * hidden, micro_batch=1)
+    if d.query_groups and heads % d.query_groups:
+        return None
+    return dataclasses.replace(d, layers=layers, hidden=hidden, heads=heads, ffn=4 * hidden, micro_batch=1,
+                               head_dim=0)
 
 
 Found = tuple[int, Dims, tuple[str, int]]  # (parameters, shape, least recompute that fits)
@@ -798,7 +816,8 @@ def _human(n: int) -> str:
 def describe(d: Dims) -> str:
     return (f"GPT {_human(num_parameters(d))} parameters: {d.layers} layers, hidden {d.hidden}, {d.heads} heads, "
             f"ffn {d.ffn}{' SwiGLU' if d.swiglu else ''}, seq {d.seq}, vocab {d.vocab} (padded {d.padded_vocab}), "
-            f"{'RoPE' if d.rope else 'learned positions'}, {'tied' if d.tied else 'untied'} embeddings; "
+            f"{'RoPE' if d.rope else 'learned positions' if d.position_table else 'no positions'}, "
+            f"{'tied' if d.tied else 'untied'} embeddings; "
             f"tp {d.tp} pp {d.pp} dp {d.dp}{' sp' if d.sequence_parallel else ''}"
             f"{' distributed optimizer' if d.distributed_optimizer and d.world_size > 1 else ''}; "
             f"micro-batch {d.micro_batch} x {d.num_microbatches} per iteration; recompute "

@@ -88,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         model, cfg, iteration = load_model(args.load, device)
         tok_path = args.tokenizer_model or cfg.data.tokenizer_model
-        if not tok_path:
+        d = cfg.data
+        null = d.tokenizer_type == "NullTokenizer"
+        if not (tok_path or d.vocab_file or null):
             raise ValueError("the checkpoint was trained without a tokenizer (--mock-data); nothing to decode with")
-        from megatron_sr.data import SentencePieceTokenizer
+        from megatron_sr.data.tokenizers import build_tokenizer
 
-        tok = SentencePieceTokenizer(tok_path)
+        # the checkpoint's tokenizer flags (NullTokenizer's --vocab-size is the model's vocabulary less its eod)
+        tok = build_tokenizer(d.tokenizer_type, tok_path, d.vocab_file, d.merge_file,
+                              cfg.model.vocab_size - 1 if null else None)
         # ids at or above the model's vocabulary have no embedding row (and padding rows are no tokens)
         if cfg.model.vocab_size is not None and tok.vocab_size > cfg.model.vocab_size:
             flag = "--tokenizer-model " if args.tokenizer_model else ""

@@ -55,16 +55,20 @@ def saved_config(load_dir: str | Path) -> dict | None:
     return payload.get("config") if isinstance(payload, dict) else None
 
 
-def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimizer) -> tuple[TrainState, dict] | None:
+def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimizer, *, load_optimizer: bool = True,
+                    load_rng: bool = True) -> tuple[TrainState, dict] | None:
     """Restore the latest checkpoint of any format into the built model and optimizer: (state, saved config),
-    or None when `load_dir` holds none yet."""
+    or None when `load_dir` holds none yet. Without `load_optimizer` (--no-load-optim) the optimizer keeps its
+    fresh state; without `load_rng` (--no-load-rng) the random generators keep theirs."""
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         return None
     if isinstance(optimizer, DistributedOptimizer) or (iteration_dir(load_dir, iteration) / "metadata.json").is_file():
-        it, common, rank_state = sharded.load_checkpoint(load_dir, model_chunks[0], optimizer, iteration=iteration)
-        if rank_state is not None:  # same layout: resume the random streams too
+        it, common, rank_state = sharded.load_checkpoint(load_dir, model_chunks[0], optimizer, iteration=iteration,
+                                                         load_optimizer=load_optimizer)
+        if rank_state is not None and load_rng:  # same layout: resume the random streams too
             set_rng_state(rank_state)
         return (TrainState(it, common.get("consumed_train_samples", 0), common.get("skipped_iters", 0)),
                 common.get("config", {}))
-    return single.load_checkpoint(load_dir, model_chunks, optimizer, iteration)
+    return single.load_checkpoint(load_dir, model_chunks, optimizer if load_optimizer else None, iteration,
+                                  load_rng=load_rng)

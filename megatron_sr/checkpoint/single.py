@@ -63,8 +63,9 @@ def save_checkpoint(save_dir: str | Path, state: TrainState, model_chunks: list[
 
 
 def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimizer,
-                    iteration: int | None = None) -> tuple[TrainState, dict] | None:
-    """Restore model, optimizer and RNG from the latest (or the given) iteration; None when there is none yet."""
+                    iteration: int | None = None, *, load_rng: bool = True) -> tuple[TrainState, dict] | None:
+    """Restore model, optimizer (unless None) and RNG (unless not `load_rng`) from the latest (or the given)
+    iteration; None when there is none yet."""
     if iteration is None:
         iteration = read_latest_iteration(load_dir)
     if iteration is None:
@@ -79,6 +80,7 @@ def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimiz
         model.load_state_dict(payload[key])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload["rng_state"])
+    if load_rng:
+        set_rng_state(payload["rng_state"])
     state = TrainState(payload["iteration"], payload["consumed_train_samples"], payload["skipped_iters"])
     return state, payload["config"]

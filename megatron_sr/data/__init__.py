@@ -1,5 +1,5 @@
-"""Data pipeline: sentencepiece tokenizer, Megatron's indexed dataset (.bin/.idx), GPT datasets,
-blends and the pretraining sampler. See docs/data.md.
+"""Data pipeline: Megatron's tokenizer types (sentencepiece, GPT-2 BPE, Hugging Face, null), Megatron's
+indexed dataset (.bin/.idx), GPT datasets, blends and the pretraining sampler. See docs/data.md.
 
 Names are imported on first use, so the tools (which need neither torch nor the GPT dataset) start fast.
 """
@@ -7,6 +7,8 @@ import importlib
 
 _EXPORTS = {
     "SentencePieceTokenizer": "tokenizer",
+    "build_tokenizer": "tokenizers", "Tokenizer": "tokenizers", "GPT2BPETokenizer": "tokenizers",
+    "HuggingFaceTokenizer": "tokenizers", "NullTokenizer": "tokenizers",
     "IndexedDataset": "indexed_dataset", "IndexedDatasetError": "indexed_dataset",
     "IndexedDatasetWriter": "indexed_dataset", "optimal_dtype": "indexed_dataset",
     "GPTDataset": "gpt_dataset", "BlendedDataset": "blended",

@@ -1,6 +1,7 @@
 """Check an indexed dataset and print what it holds:
 
     python3 -m megatron_sr.data PREFIX [--tokenizer-model M --show 2]
+    python3 -m megatron_sr.data PREFIX --tokenizer-type GPT2BPETokenizer --vocab-file V --merge-file M --show 2
 
 Exit status 1 with a one-line error naming the file when the .bin/.idx pair is not valid.
 """
@@ -14,15 +15,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m megatron_sr.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
-    p.add_argument("--tokenizer-model", help="sentencepiece model, to print documents as text")
+    p.add_argument("--tokenizer-model", help="sentencepiece model (or tokenizer.json), to print documents as text")
+    p.add_argument("--tokenizer-type", help="Megatron's tokenizer type (default: sentencepiece with --tokenizer-model)")
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer's vocab.json")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer's merges.txt")
+    p.add_argument("--vocab-size", type=int, help="NullTokenizer's size")
     p.add_argument("--show", type=int, default=0, help="print the first N documents")
     args = p.parse_args(argv)
     try:
         ds = IndexedDataset(args.prefix)
-        tok = None
-        if args.tokenizer_model:
-            from .tokenizer import SentencePieceTokenizer
-            tok = SentencePieceTokenizer(args.tokenizer_model)
+        from .tokenizers import build_tokenizer
+        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+                              args.vocab_size)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .corpus import CorpusConfig, DataInputError, expand_inputs, iter_documents
 from .indexed_dataset import IndexedDatasetWriter, check_vocab_fits, optimal_dtype, remove_stale_temporaries
-from .tokenizer import SentencePieceTokenizer
+from .tokenizers import Tokenizer, build_tokenizer
 
 # per worker task: large enough to amortise inter-process traffic, small enough to balance the workers
 BATCH_DOCS = 64
@@ -24,12 +24,28 @@ BATCH_CHARS = 256_000
 class PreprocessConfig:
     inputs: tuple[str, ...]
     output_prefix: str
-    tokenizer_model: str
+    tokenizer_model: str | None  # a sentencepiece .model, or with HuggingFaceTokenizer a tokenizer.json or its dir
     corpus: CorpusConfig
     append_eod: bool = False
     workers: int = 1
     dtype: str = "auto"  # auto (Megatron's rule), uint16 or int32
     progress: bool = True
+    # Megatron's tokenizer flags (megatron_sr/data/tokenizers.py); None: SentencePieceTokenizer
+    tokenizer_type: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None
+    log_interval: int | None = None  # a progress line every N documents, instead of the progress bar
+
+    def tokenizer_args(self) -> tuple:
+        """build_tokenizer's arguments (picklable, for the worker processes)."""
+        return self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file, self.vocab_size
+
+    def tokenizer_source(self) -> str:
+        """The tokenizer, as the messages name it."""
+        if self.tokenizer_model is None and self.vocab_file is None:
+            return f"{self.tokenizer_type} --vocab-size {self.vocab_size}"
+        return self.tokenizer_model or self.vocab_file
 
 
 @dataclass
@@ -46,12 +62,12 @@ def output_prefixes(cfg: PreprocessConfig) -> list[str]:
     return [f"{cfg.output_prefix}_{key}_document" for key in cfg.corpus.json_keys]
 
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(tokenizer_args: tuple) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    _worker_tokenizer = build_tokenizer(*tokenizer_args)
 
 
 def _encode_batch(args) -> tuple[list[list[np.ndarray]], int]:
@@ -97,15 +113,38 @@ def _write_error(path: str, exc: OSError, doing: str) -> OutputWriteError:
     return err
 
 
+def _build_checked_tokenizer(cfg: PreprocessConfig) -> Tokenizer:
+    tokenizer = build_tokenizer(*cfg.tokenizer_args())
+    if tokenizer is None:
+        raise DataInputError("--tokenizer-model (or --tokenizer-type with its files) is required")
+    if cfg.append_eod and tokenizer.eod_id is None:
+        raise DataInputError(f"--append-eod: {cfg.tokenizer_source()} names no end-of-document token (give "
+                             "tokenizer_config.json an eos_token)")
+    return tokenizer
+
+
+def _crossed_multiple(before: int, after: int, interval: int) -> bool:
+    """Whether a multiple of interval lies in (before, after]: the batches are of many documents."""
+    return after // interval > before // interval
+
+
+def _log_progress(stats: PreprocessStats, elapsed: float) -> None:
+    """Megatron's --log-interval line."""
+    print(f"Processed {stats.documents} documents ({stats.documents / elapsed:.1f} docs/s, "
+          f"{stats.text_bytes / elapsed / 1e6:.2f} MB/s).", file=sys.stderr)
+
+
 def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     files = expand_inputs(list(cfg.inputs))
     if not files:
         raise DataInputError(f"--input {' '.join(cfg.inputs)}: no files found")
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer_model)
+    tokenizer = _build_checked_tokenizer(cfg)
     dtype = optimal_dtype(tokenizer.vocab_size) if cfg.dtype == "auto" else np.dtype(cfg.dtype)
-    check_vocab_fits(tokenizer.vocab_size, dtype, what=f"{cfg.tokenizer_model} with --dtype {dtype.name}")
+    check_vocab_fits(tokenizer.vocab_size, dtype, what=f"{cfg.tokenizer_source()} with --dtype {dtype.name}")
     if cfg.workers < 1:
         raise DataInputError(f"--workers: expected a positive number, got {cfg.workers}")
+    if cfg.log_interval is not None and cfg.log_interval < 1:
+        raise DataInputError(f"--log-interval: expected a positive number, got {cfg.log_interval}")
 
     stats = PreprocessStats(outputs=tuple(output_prefixes(cfg)))
     for prefix in stats.outputs:  # a killed earlier run leaves its temporaries behind
@@ -118,18 +157,19 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         # fork where we can: spawn would re-import the package in every worker
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(cfg.workers, initializer=_init_worker,
-                                           initargs=(cfg.tokenizer_model,))
+                                           initargs=(cfg.tokenizer_args(),))
     writers: list[IndexedDatasetWriter] = []
     start = time.perf_counter()
     # counts MB of text, so the rate reads MB/s; documents/s goes in the postfix
-    bar = tqdm(unit="MB", desc="tokenizing", file=sys.stderr, disable=not cfg.progress, smoothing=0.1,
+    bar = tqdm(unit="MB", desc="tokenizing", file=sys.stderr, smoothing=0.1,
+               disable=not cfg.progress or cfg.log_interval is not None,
                bar_format="{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}{postfix}]")
     try:
         for prefix in stats.outputs:
             writers.append(IndexedDatasetWriter(prefix, dtype))
         tasks = ((batch, cfg.append_eod, dtype) for batch in _batches(iter_documents(files, cfg.corpus)))
         if pool is None:
-            _init_worker(cfg.tokenizer_model)
+            _init_worker(cfg.tokenizer_args())
             results = map(_encode_batch, tasks)
         else:
             results = pool.imap(_encode_batch, tasks)  # imap keeps input order: output is worker-independent
@@ -147,6 +187,9 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
             bar.update(nbytes / 1e6)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{stats.documents} docs, {stats.documents / elapsed:.0f} docs/s", refresh=False)
+            if cfg.log_interval and _crossed_multiple(stats.documents - len(encoded), stats.documents,
+                                                      cfg.log_interval):
+                _log_progress(stats, elapsed)
         if stats.documents == 0:
             raise DataInputError(f"--input {' '.join(cfg.inputs)}: empty corpus (no documents)")
         for w in writers:

@@ -2,13 +2,21 @@
 
 `DistributedDataParallel(module, config, dp_group)` moves the module's parameters into a
 `ParamAndGradBuffer`. During backward a post-accumulate-grad hook adds each `param.grad` into its
-`param.main_grad` view (in the buffer's dtype) and frees `param.grad`. On the last micro-batch (outside
-`no_sync()`), as soon as every parameter of a bucket has its gradient, that bucket's collective is
-started asynchronously: a reduce-scatter onto this rank's shard with the distributed optimizer, an
-all-reduce without it. `finish_grad_sync()` starts any bucket not started yet and waits for all.
+`param.main_grad` view (in the buffer's dtype) and frees `param.grad`. With `overlap_grad_reduce`
+(Megatron's --overlap-grad-reduce), on the last micro-batch (outside `no_sync()`), as soon as every
+parameter of a bucket has its gradient, that bucket's collective is started asynchronously: a
+reduce-scatter onto this rank's shard with the distributed optimizer, an all-reduce without it.
+Without it (Megatron's default) every bucket starts in `finish_grad_sync()`, after backward, which
+waits for all. Either way each bucket is reduced by the same collective: the results are identical.
 
-Gradients are averaged over data-parallel ranks (pre-scaled by 1/dp, then summed, as Megatron does;
-exact for power-of-two dp sizes).
+Gradients are averaged over data-parallel ranks: pre-scaled by 1/dp, then summed, as Megatron does (exact
+for power-of-two dp sizes); with `average_in_collective`, summed and divided in the collective (NCCL's
+ReduceOp.AVG; gloo has no AVG, so there the sum is divided after the wait).
+
+With `overlap_param_gather` the distributed optimizer leaves its parameter all-gathers in flight after
+the step (`set_param_gather_handles`); a forward pre-hook on each module waits for the buckets of its
+own parameters just before it first uses them, so the gather of later layers overlaps the forward of
+earlier ones. `finish_param_sync()` waits for whatever is left (before a checkpoint, say).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ class DDPConfig:
     grad_dtype: torch.dtype = torch.float32
     use_distributed_optimizer: bool = False
     bucket_size: int | None = DEFAULT_BUCKET_SIZE  # elements per bucket; None: one bucket
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    average_in_collective: bool = False
 
 
 def group_size(group) -> int:
@@ -72,6 +83,9 @@ class DistributedDataParallel(nn.Module):
         self.event_log: list[tuple[str, int]] | None = None  # set to [] to record ("grad", i)/("launch", b)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, p in enumerate(self.buffer.params)]
+        self._param_gathers: dict[int, object] = {}  # bucket index -> all-gather handle still in flight
+        if config.overlap_param_gather:
+            self._register_param_gather_hooks()
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -95,7 +109,7 @@ class DistributedDataParallel(nn.Module):
                 p.grad = None
             if self.event_log is not None:
                 self.event_log.append(("grad", param_index))
-            if self._sync_enabled:
+            if self._sync_enabled and self.config.overlap_grad_reduce:
                 self._ready[bucket.index].add(id(param))
                 if (len(self._ready[bucket.index]) == len(bucket.params)
                         and bucket.index not in self._late_buckets):
@@ -112,14 +126,21 @@ class DistributedDataParallel(nn.Module):
             self._handles[bucket.index] = None
             return
         grads = self.buffer.bucket_grad_data(bucket)
-        grads.mul_(1.0 / self.dp_size)
+        op = dist.ReduceOp.SUM
+        if not self.config.average_in_collective:
+            grads.mul_(1.0 / self.dp_size)
+        elif dist.get_backend(self.dp_group) == "nccl":
+            op = dist.ReduceOp.AVG
         if self.config.use_distributed_optimizer:
             lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-            shard = self.buffer.grad_data[lo:hi]
-            handle = dist.reduce_scatter_tensor(shard, grads, group=self.dp_group, async_op=True)
+            result = self.buffer.grad_data[lo:hi]
+            handle = dist.reduce_scatter_tensor(result, grads, op=op, group=self.dp_group, async_op=True)
         else:
-            handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
-        self._handles[bucket.index] = handle
+            result = grads
+            handle = dist.all_reduce(grads, op=op, group=self.dp_group, async_op=True)
+        # gloo's sum, to be divided once it has arrived (ReduceOp.AVG does that inside NCCL)
+        divide = result if self.config.average_in_collective and op == dist.ReduceOp.SUM else None
+        self._handles[bucket.index] = (handle, divide)
 
     def start_grad_sync(self) -> None:
         """Start every bucket not started yet (except late-sync ones)."""
@@ -139,10 +160,40 @@ class DistributedDataParallel(nn.Module):
             callback()
         for index in self._late_buckets:
             self._start_bucket(self.buffer.buckets[index])
-        for handle in self._handles.values():
+        for pending in self._handles.values():
+            if pending is not None:
+                handle, divide = pending
+                handle.wait()
+                if divide is not None:
+                    divide.mul_(1.0 / self.dp_size)
+        self._synced = True
+
+    def set_param_gather_handles(self, handles: dict[int, object]) -> None:
+        """The distributed optimizer's all-gathers in flight (bucket index -> handle), waited for lazily."""
+        self.finish_param_sync()
+        self._param_gathers = dict(handles)
+
+    def finish_param_sync(self, buckets: Iterable[int] | None = None) -> None:
+        """Wait for the parameter all-gathers of `buckets` (default: all) still in flight."""
+        for index in list(self._param_gathers) if buckets is None else buckets:
+            handle = self._param_gathers.pop(index, None)
             if handle is not None:
                 handle.wait()
-        self._synced = True
+
+    def _register_param_gather_hooks(self) -> None:
+        for module in self.module.modules():
+            own = [p for p in module.parameters(recurse=False) if p in self.buffer.param_to_bucket]
+            if own:
+                buckets = sorted({self.buffer.param_to_bucket[p].index for p in own})
+                module.register_forward_pre_hook(self._param_gather_hook(buckets))
+
+    def _param_gather_hook(self, buckets: list[int]):
+        @torch.compiler.disable  # a wait on a communication handle is not traceable: run it eagerly
+        def hook(module, args):
+            if self._param_gathers:
+                self.finish_param_sync(buckets)
+
+        return hook
 
     @property
     def is_grad_synced(self) -> bool:

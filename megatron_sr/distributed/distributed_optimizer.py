@@ -10,7 +10,8 @@ optimizer states (FP32 by default) for that shard only. One step:
 3. clipping, then `adamw_step_` on the shard's pieces, each with its *unsharded* stream index
    (`param.sr_index_base` + offset in the param) and its parameter's key, so the shard's update is
    bitwise the slice of the unsharded update; BF16 results go straight into the parameter buffer;
-4. all-gather of the parameter buffer, bucket by bucket.
+4. all-gather of the parameter buffer, bucket by bucket (with --overlap-param-gather left in flight,
+   each bucket waited for by the next forward just before it uses it: data_parallel.py).
 
 With `shard_over_dp=False` (plain data parallelism: grads all-reduced) every rank updates whole
 buckets and no all-gather is needed; with dp = 1 both modes are the single-process update.
@@ -131,6 +132,7 @@ class DistributedOptimizer(DeviceStepCount):
 
     @torch.no_grad()
     def step(self) -> StepResult:
+        self.model.finish_param_sync()  # the shard is about to be rewritten: no gather may still read it
         self.model.finish_grad_sync()
         norm = self.grad_norm()
         skip = finite_step(norm, self._step)  # no host synchronisation from here to the end of the step
@@ -160,14 +162,19 @@ class DistributedOptimizer(DeviceStepCount):
         if not self.shard or model.dp_size == 1:
             return
         buf = model.buffer
-        handles = []
+        handles = {}
         for bucket in buf.buckets:
             lo, hi = bucket.shard_range(model.dp_rank, model.dp_size)
             # in place: the input is this rank's slice of the output, as Megatron does with NCCL
-            handles.append(dist.all_gather_into_tensor(buf.bucket_param_data(bucket), buf.param_data[lo:hi],
-                                                       group=model.dp_group, async_op=True))
-        for handle in handles:
-            handle.wait()
+            handles[bucket.index] = dist.all_gather_into_tensor(buf.bucket_param_data(bucket), buf.param_data[lo:hi],
+                                                                group=model.dp_group, async_op=True)
+        model.set_param_gather_handles(handles)
+        if not model.config.overlap_param_gather:
+            model.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers still in flight (--overlap-param-gather): the full parameters."""
+        self.model.finish_param_sync()
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for params, grads and optimizer states (FP32 master included), from the

@@ -1,4 +1,4 @@
-"""GPT: embeddings, a range of pre-LN transformer layers, final LayerNorm and the (tied) output layer.
+"""GPT: embeddings, a range of pre-norm transformer layers, final norm and the (tied) output layer.
 
 One GPTModel can be a whole model or one pipeline stage: `pre_process` (holds the embeddings),
 `post_process` (holds the final norm, output layer and loss) and the global layer range
@@ -41,7 +41,7 @@ class Embedding(nn.Module):
         self.dropout = config.hidden_dropout
         self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, dtype=dtype,
                                                       init_method=init_method_for(seed, WORD_EMBEDDING, std))
-        self.position_embeddings = None
+        self.position_embeddings = None  # rope acts in the attention; none has no position parameters at all
         if config.position_embedding_type == "learned_absolute":
             weight = torch.empty(config.max_position_embeddings, config.hidden_size, dtype=torch.float32)
             init_method_for(seed, "embedding.position_embeddings.weight", std)(weight)

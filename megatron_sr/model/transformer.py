@@ -1,8 +1,10 @@
-"""Pre-LayerNorm transformer layer: causal self-attention and a GELU or SwiGLU MLP, batch-first [b, s, h].
+"""Pre-norm transformer layer: causal self-attention and a GELU or SwiGLU MLP, batch-first [b, s, h].
 
 Linear layers come from megatron_sr.parallel.layers (column-parallel in, row-parallel out), so each
-tensor-parallel rank holds num_heads / tp heads and ffn / tp MLP columns. Dropout is plain torch
-dropout; attention is torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+tensor-parallel rank holds num_heads / tp query heads, num_query_groups / tp k/v heads and ffn / tp MLP
+columns. The norm is LayerNorm or RMSNorm (--normalization). Dropout is plain torch dropout; attention
+is torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU), grouped-query
+attention through its enable_gqa.
 """
 
 from __future__ import annotations
@@ -35,8 +37,16 @@ def recompute_granularity(config: ModelConfig) -> str | None:
     return config.recompute_granularity or ("selective" if config.recompute_activations else None)
 
 
-def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm:
-    norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype)
+def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm | nn.RMSNorm:
+    """--normalization: LayerNorm (weight and bias) or RMSNorm (weight only).
+
+    torch's RMSNorm computes x * rsqrt(mean(x^2) + eps) * w in FP32 for BF16 inputs and weights and rounds
+    once (as Megatron's fused/TE kernels); its eps must be given, its default is the dtype's machine epsilon.
+    """
+    if config.normalization == "RMSNorm":
+        norm = nn.RMSNorm(config.hidden_size, eps=config.norm_epsilon, dtype=dtype)
+    else:
+        norm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon, dtype=dtype)
     for p in norm.parameters():
         mark_parallel(p, -1)  # replicated over tensor-parallel ranks
     return norm
@@ -60,17 +70,28 @@ class RotaryEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Causal self-attention with `query_groups` k/v heads, each shared by heads / groups query heads.
+
+    The fused qkv weight's rows are ordered per group, as Megatron's: [group0: its q heads, k, v | group1:
+    ...] (without GQA, one q head per group: [head0 q k v | head1 q k v | ...]). A tp slice of dim 0 then
+    holds whole groups, and query head i uses the k/v of group i // (heads / groups), on every layout.
+    """
+
     def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype):
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
         bias = not config.disable_bias_linear
-        self.num_heads = config.num_attention_heads // ps.get_tensor_model_parallel_world_size()
-        self.head_dim = h // config.num_attention_heads
+        tp = ps.get_tensor_model_parallel_world_size()
+        heads, groups = config.num_attention_heads, config.query_groups
+        self.num_heads, self.num_groups = heads // tp, groups // tp  # this rank's
+        self.heads_per_group = heads // groups
+        self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         self.linear_qkv = ColumnParallelLinear(
-            h, 3 * h, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_qkv.weight", std))
+            h, (heads + 2 * groups) * self.head_dim, bias=bias, dtype=dtype,
+            init_method=init_method_for(seed, f"{prefix}.linear_qkv.weight", std))
         self.linear_proj = RowParallelLinear(
-            h, h, bias=bias, dtype=dtype,
+            heads * self.head_dim, h, bias=bias, dtype=dtype,
             init_method=init_method_for(seed, f"{prefix}.linear_proj.weight", output_layer_std(std, config.num_layers)))
         self.rotary = (RotaryEmbedding(self.head_dim, config.rotary_base)
                        if config.position_embedding_type == "rope" else None)
@@ -78,17 +99,19 @@ class SelfAttention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax(q k^T / sqrt(d)) v with causal mask and dropout: what selective recompute recomputes."""
+        gqa = {"enable_gqa": True} if self.heads_per_group > 1 else {}  # k/v heads repeated over their group
         with tp_rng():  # this rank's heads: its own dropout stream (parallel/random.py)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                                  is_causal=True)
+                                                  is_causal=True, **gqa)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        # Weight rows are ordered [q heads | k heads | v heads] of the full layer, so a tp slice of
-        # dim 0 would mix them; we order them per head instead: [head0 q k v | head1 q k v | ...].
+        # Rows per group (see the class docstring), so this rank's output is its groups, whole.
         qkv = self.linear_qkv(x)
         b, s = qkv.shape[:2]  # the full sequence (x is a sequence shard under --sequence-parallel)
-        qkv = qkv.view(b, s, self.num_heads, 3, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, d]
+        qkv = qkv.view(b, s, self.num_groups, self.heads_per_group + 2, self.head_dim)
+        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d], group-major
+        k, v = (t.squeeze(3).transpose(1, 2) for t in (k, v))  # [b, groups, s, d]
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
         if self.recompute_core and self.training and torch.is_grad_enabled():
@@ -120,13 +143,18 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """x + drop(attn(ln(x))), then + drop(mlp(ln(.))). `layer_number` is the global, 0-based index."""
+    """x + drop(attn(ln(x))), then + drop(mlp(ln(.))). `layer_number` is the global, 0-based index.
+
+    --apply-residual-connection-post-layernorm (Megatron's legacy option): each residual is the norm's
+    output instead of its input, ln(x) + drop(attn(ln(x))), and likewise around the MLP.
+    """
 
     def __init__(self, config: ModelConfig, layer_number: int, seed: int, dtype: torch.dtype):
         super().__init__()
         prefix = f"decoder.layers.{layer_number}"
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout
+        self.residual_post_norm = config.apply_residual_connection_post_layernorm
         self.input_layernorm = layer_norm(config, dtype)
         self.self_attention = SelfAttention(config, f"{prefix}.self_attention", seed, dtype)
         self.pre_mlp_layernorm = layer_norm(config, dtype)
@@ -135,9 +163,11 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         p = self.hidden_dropout if self.training else 0.0
         with cpu_bf16_matmul(x):  # inside the layer, so activation recomputation uses it too
-            attn = self.self_attention(self.input_layernorm(x), position_ids)
+            normed = self.input_layernorm(x)
+            attn = self.self_attention(normed, position_ids)
             with sp_rng():  # a sequence shard under --sequence-parallel: its own dropout stream
-                x = x + F.dropout(attn, p)
-            mlp = self.mlp(self.pre_mlp_layernorm(x))
+                x = (normed if self.residual_post_norm else x) + F.dropout(attn, p)
+            normed = self.pre_mlp_layernorm(x)
+            mlp = self.mlp(normed)
             with sp_rng():
-                return x + F.dropout(mlp, p)
+                return (normed if self.residual_post_norm else x) + F.dropout(mlp, p)

@@ -6,13 +6,18 @@ import torch
 
 from ..config import Config
 from ..parallel import parallel_state as ps
+from .lr_schedule import BatchSchedule
 from .mock_data import MockGPTDataset
 
 
 def num_samples(cfg: Config) -> tuple[int, int, int]:
+    """(train, valid, test) samples the datasets must hold, as Megatron asks for them: --train-samples (or what
+    --train-iters iterations consume, ramp-up included, if that is more), and full global batches for the
+    validations and the test."""
     t = cfg.training
+    train = BatchSchedule(t).consumed_before(t.train_iters + 1)
     evals = (t.train_iters // t.eval_interval if t.eval_interval else 0) + 1
-    return (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
+    return (max(train, t.train_samples or 0), evals * t.eval_iters * t.global_batch_size,
             t.eval_iters * t.global_batch_size)
 
 

@@ -20,7 +20,9 @@ class Observer:
         """Before the first iteration (the checkpoint, if any, is loaded)."""
 
     def on_gradients(self, iteration: int, trainer) -> None:
-        """After the forward and backward of `iteration` (1-based), before the optimizer step."""
+        """After the forward and backward of `iteration` (1-based), before the optimizer step. Under DDP the last
+        gradient collectives may still be in flight: `trainer.optimizer.model.finish_grad_sync()` completes them
+        (the step would next; it is idempotent)."""
 
     def on_step(self, iteration: int, loss, result) -> None:
         """After the optimizer step of `iteration`. `loss` (a 0-d tensor) and `result` (its StepResult) are

@@ -13,19 +13,17 @@ import torch.distributed as dist
 
 from ..checkpoint import TrainState, saved_config
 from ..checkpoint.layout import describe, recover_directory
-from ..config import Config, resume_differences
+from ..config import Config, apply_checkpoint_args, resume_differences
 from .iterators import build_iterators
+from .loggers import ScalarWriter, build_writer
 from .loop import LoopResult, evaluate, log_validation, save, train
 from .observer import Observer
 from .setup import build
 
 
-def tensorboard_writer(cfg: Config):
-    if not cfg.training.tensorboard_dir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=cfg.training.tensorboard_dir)
+def tensorboard_writer(cfg: Config) -> ScalarWriter | None:
+    """The scalar writer of --tensorboard-dir / --wandb-project, on the last rank (training/loggers.py)."""
+    return build_writer(cfg)
 
 
 def _writable_dir(path: str, flag: str) -> None:
@@ -64,6 +62,8 @@ def check_directories(cfg: Config, observer: Observer) -> None:
     if saved is None or t.overwrite_checkpoints:
         return
     same = t.load and Path(t.load).resolve() == Path(t.save).resolve()
+    if t.finetune and loaded is not None:  # training restarts at iteration 0, wherever the weights come from
+        loaded, same = 0, False
     if loaded is None:
         raise ValueError(f"--load {t.load or '(not given)'}: {why}, but --save {t.save} holds a checkpoint at "
                          f"iteration {saved}; training from scratch would overwrite it. Resume with --load {t.save}, "
@@ -87,8 +87,25 @@ def check_resume_config(cfg: Config, observer: Observer) -> None:
         observer.log(f" resuming with changed settings: {'; '.join(other)}")
 
 
+def checkpoint_args(cfg: Config, observer: Observer) -> None:
+    """--exit-on-missing-checkpoint and --use-checkpoint-args, before the model is built."""
+    t = cfg.training
+    if not t.load or not (t.use_checkpoint_args or t.exit_on_missing_checkpoint):
+        return
+    saved = saved_config(t.load) if Path(t.load).is_dir() else None
+    if saved is None and t.exit_on_missing_checkpoint:
+        raise ValueError(f"--load {t.load}: no checkpoint there (--exit-on-missing-checkpoint)")
+    if saved is not None and t.use_checkpoint_args:
+        changed = apply_checkpoint_args(cfg, saved)
+        observer.log(f" --use-checkpoint-args: the model of {t.load}"
+                     + (f" ({'; '.join(changed)})" if changed else " (the command line's already)"))
+
+
 def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
     observer = observer or Observer()
+    for note in dict.fromkeys(cfg.notes):  # once each
+        observer.log(f" {note}")
+    checkpoint_args(cfg, observer)
     trainer = build(cfg)
     check_directories(cfg, observer)
     state = TrainState()
@@ -102,6 +119,8 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
             observer.log(f" loaded checkpoint from {cfg.training.load} at iteration {state.iteration}")
     n_params = sum(p.numel() for m in trainer.model_chunks for p in m.parameters())
     observer.log(f" > {n_params / 1e6:.2f}M parameters, precision {cfg.optimizer.precision}, device {trainer.device}")
+    if cfg.training.load and state.iteration == 0 and cfg.training.finetune:
+        observer.log(" --finetune: the weights only; iteration, optimizer and random generators start afresh")
     train_it, valid_it, _ = build_iterators(cfg, state.consumed_train_samples)
     if train_it is None:
         raise ValueError(f"--split {cfg.data.split}: the training split holds no samples")
@@ -116,7 +135,8 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
             vloss = evaluate(trainer.model_chunks, trainer.forward_backward, valid_it, t.eval_iters,
                              trainer.num_microbatches)
             result.valid_losses.append((state.iteration, vloss))
-            log_validation(observer, "validation", state.iteration, vloss, writer)
+            log_validation(observer, "validation", state.iteration, vloss, writer,
+                           t.log_validation_ppl_to_tensorboard, state.consumed_train_samples)
         if result.reason == "done" and t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
             save(trainer, state, observer)
     if writer is not None:

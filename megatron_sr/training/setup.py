@@ -36,7 +36,7 @@ from ..parallel.parallel_state import any_rank
 from ..parallel.random import model_parallel_seed
 from ..pipeline import allreduce_tied_embedding_grads, mark_tied_embeddings, sync_tied_embedding_weights
 from .forward_backward import ForwardBackward, make_forward_backward
-from .lr_schedule import LRScheduler
+from .lr_schedule import LRScheduler, build_lr_scheduler
 
 
 class TrainingDiverged(ValueError):
@@ -56,11 +56,33 @@ class Trainer:
 
     @property
     def num_microbatches(self) -> int:
-        t = self.cfg.training
-        return t.global_batch_size // (t.micro_batch_size * self.cfg.parallel.data_parallel_size)
+        """Micro-batches of a full --global-batch-size (validation always uses it, as in Megatron)."""
+        return self.cfg.training.global_batch_size // self._samples_per_microbatch
+
+    @property
+    def _samples_per_microbatch(self) -> int:
+        return self.cfg.training.micro_batch_size * self.cfg.parallel.data_parallel_size
+
+    def global_batch_size_at(self, consumed_samples: int) -> int:
+        """The global batch of the training iteration that starts after `consumed_samples` (--rampup-batch-size)."""
+        return self.scheduler.batches.global_batch_size_at(consumed_samples)
+
+    def num_microbatches_at(self, consumed_samples: int) -> int:
+        """Micro-batches per rank of the training iteration that starts after `consumed_samples`."""
+        return self.global_batch_size_at(consumed_samples) // self._samples_per_microbatch
+
+    def global_batch_size_of(self, iteration: int) -> int:
+        """The global batch of training iteration `iteration` (1-based; for the log line)."""
+        return self.scheduler.batches.global_batch_size_of(iteration)
+
+    def finish_param_sync(self) -> None:
+        """Whole parameters on every rank: waits for all-gathers left in flight (--overlap-param-gather)."""
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.finish_param_sync()
 
     def params_finite(self) -> bool:
         """Whether every parameter on every rank is finite (one reduction, one host synchronisation)."""
+        self.finish_param_sync()
         flags = [torch.isfinite(p).all() for m in self.model_chunks for p in m.parameters()]
         return not any_rank(not bool(torch.stack(flags).all()))
 
@@ -72,16 +94,24 @@ class Trainer:
         return save_checkpoint(self.cfg.training.save, state, self.model_chunks, self.optimizer, self.cfg.to_dict())
 
     def load(self) -> tuple[TrainState, dict] | None:
-        """Restore the latest checkpoint in --load: (state, its saved config), None when there is none."""
-        return load_checkpoint(self.cfg.training.load, self.model_chunks, self.optimizer)
+        """Restore the latest checkpoint in --load: (state, its saved config), None when there is none.
+        --finetune takes the weights only and starts at iteration 0; --no-load-optim / --no-load-rng skip those."""
+        t = self.cfg.training
+        loaded = load_checkpoint(t.load, self.model_chunks, self.optimizer,
+                                 load_optimizer=not (t.no_load_optim or t.finetune),
+                                 load_rng=not (t.no_load_rng or t.finetune))
+        if loaded is not None and t.finetune:
+            loaded = (TrainState(), loaded[1])
+        return loaded
 
 
 def initialize(cfg: Config) -> torch.device:
     """Process groups (under torchrun), device, seeds."""
     t = cfg.training
     if cfg.parallel.world_size > 1 and not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
-                                     cfg.parallel.pipeline_model_parallel_size)
+        p = cfg.parallel
+        ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                     backend=p.distributed_backend, timeout_s=60 * p.distributed_timeout_minutes)
     ps.set_sequence_parallel(cfg.parallel.sequence_parallel)
     if t.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,16 +128,19 @@ def initialize(cfg: Config) -> torch.device:
 
 
 def build_tokenizer(cfg: Config):
-    """The tokenizer of --tokenizer-model (None without one); sets --vocab-size from it when not given."""
-    if not cfg.data.tokenizer_model:
-        return None
-    from ..data import SentencePieceTokenizer
+    """The tokenizer the --tokenizer-* flags name (None without one), built by the factory the preprocessing
+    uses; sets --vocab-size from it when not given (a smaller --vocab-size is a one-line error there).
+    NullTokenizer's --vocab-size N counts the ids before its eod, as in Megatron, so the model's vocabulary
+    becomes N + 1 (Megatron pads tokenizer.vocab_size = N + 1 likewise)."""
+    from ..data.tokenizers import build_tokenizer as build_from_flags
 
-    tok = SentencePieceTokenizer(cfg.data.tokenizer_model)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise ValueError(f"--vocab-size {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    d, m = cfg.data, cfg.model
+    vocab_size = m.vocab_size
+    if d.tokenizer_type == "NullTokenizer":  # N itself, kept aside so that a second call does not add another 1
+        vocab_size = vars(m).setdefault("_null_tokenizer_vocab_size", m.vocab_size)
+    tok = build_from_flags(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, vocab_size)
+    if tok is not None and (m.vocab_size is None or d.tokenizer_type == "NullTokenizer"):
+        m.vocab_size = tok.vocab_size
     return tok
 
 
@@ -118,14 +151,15 @@ def compiles(cfg: Config, device: torch.device) -> bool:
 
 
 def apply_sequence_parallel(model: nn.Module) -> int:
-    """Scatter the embedding output along the sequence; tp-sum LayerNorm grads. Returns the hooks added."""
+    """Scatter the embedding output along the sequence; tp-sum the norms' (LayerNorm, RMSNorm) grads. Returns the
+    hooks added."""
     if not ps.get_sequence_parallel():
         return 0
     embedding = getattr(model, "embedding", None)
     if embedding is not None and getattr(model, "pre_process", True):
         embedding.register_forward_hook(
             lambda module, args, output: scatter_to_sequence_parallel_region(output, ps.get_sequence_dim()))
-    norm_params = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    norm_params = [p for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for p in m.parameters()]
     return register_sequence_parallel_grad_hooks(norm_params)
 
 
@@ -144,12 +178,12 @@ def build(cfg: Config) -> Trainer:
         ddp, optimizer = build_data_parallel(
             model, cfg.optimizer, seed=cfg.training.seed, use_distributed_optimizer=p.use_distributed_optimizer,
             late_sync_params=tied, before_late_sync=lambda: allreduce_tied_embedding_grads(model),
+            overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+            average_in_collective=p.ddp_average_in_collective,
             **({"bucket_size": p.ddp_bucket_size} if p.ddp_bucket_size is not None else {}))
         forward_backward = make_forward_backward(cfg, stage, device, no_sync=ddp.no_sync)
     else:
         optimizer = SRAdamW(model_chunks, cfg.optimizer, seed=cfg.training.seed)
         forward_backward = make_forward_backward(cfg, stage, device)
-    o = cfg.optimizer
-    scheduler = LRScheduler(optimizer, max_lr=o.lr, min_lr=o.min_lr, warmup_iters=o.lr_warmup_iters,
-                            decay_iters=o.lr_decay_iters, decay_style=o.lr_decay_style)
+    scheduler = build_lr_scheduler(optimizer, cfg)
     return Trainer(cfg, device, model_chunks, optimizer, scheduler, forward_backward)
