@@ -55,7 +55,7 @@ def tokenizer_flags_problem(tokenizer_type: str | None, tokenizer_model: str | N
                             vocab_file: str | None = None, merge_file: str | None = None,
                             vocab_size: int | None = None) -> str | None:
     """The one-line complaint about this combination of tokenizer flags, or None when it is consistent.
-    megatron_sr/config.py (which cannot import this package) keeps a copy; tests/test_tokenizers.py checks
+    megatron_sr/config/checks.py (which cannot import this package) keeps a copy; tests/test_tokenizers.py checks
     that the two agree."""
     given = {"tokenizer_model": tokenizer_model, "vocab_file": vocab_file, "merge_file": merge_file,
              "vocab_size": vocab_size}

@@ -6,7 +6,7 @@
 As in Megatron only the last rank writes (it holds the last pipeline stage's loss; every rank here logs the
 same values). Each scalar goes to TensorBoard as `name` over iterations and, when `samples` is given, as
 `name vs samples` over consumed samples; wandb gets `name` at step `iteration`. wandb is optional: it is
-imported only with --wandb-project (config.py refuses the flag, with `pip install wandb`, when it is
+imported only with --wandb-project (megatron_sr/config refuses the flag, with `pip install wandb`, when it is
 missing) and honours its own environment (WANDB_MODE=offline writes under --wandb-save-dir without network).
 """
 
