@@ -3,8 +3,8 @@
 A Megatron GPT launch script runs here with Megatron's meaning or stops with one line. Every flag of
 Megatron-LM's GPT pretraining (megatron_flags.tsv, read from Megatron's own parser) is in one class:
 
-1. honoured: a field of megatron_sr/config (sections.py), with Megatron's name, meaning and default (a few translations below,
-   TRANSLATED, map a Megatron spelling onto such a field);
+1. honoured: a field of megatron_sr/config (sections.py), with Megatron's name, meaning and default (a few
+   translations below, TRANSLATED, map a Megatron spelling onto such a field);
 2. accepted: ACCEPTED below, implementation choices whose effect this code base covers another way; the
    start-up log says once what runs instead;
 3. refused: every other Megatron flag, a one-line error naming it. A refused flag given its neutral
