@@ -5,7 +5,10 @@
 - single.py: the one-process format (one file per iteration);
 - sharded.py: one shard per rank (torchrun), loadable at any dp size and resharded at another tp/pp;
 - convert.py: merge any layout to whole tensors and split them for another (tools/convert_checkpoint.py);
-- export.py: the single-file model for inference (tools/generate.py).
+- export.py: the single-file model for inference (tools/generate.py);
+- interop.py: our names, shapes and tp dims for a config, the qkv (un)fusing, a whole-model checkpoint to split;
+- hf.py: Hugging Face GPT-2 / Llama export and import; megatron_legacy.py: Megatron-LM's legacy `torch`
+  checkpoints in (tools/convert_checkpoint.py, docs/interop.md).
 
 The trainer calls `save_checkpoint` / `load_checkpoint` below; the optimizer type picks the format.
 """

@@ -1,9 +1,9 @@
 """The single-file model for inference: whole tensors by global name, the training config, the iteration.
 
 Written by `tools/convert_checkpoint.py --export` and read by `tools/generate.py`:
-- `model.safetensors` (when the safetensors package is installed): tensors, and metadata
-  {"format", "iteration", "config" (JSON)};
+- `model.safetensors` (any .safetensors name): tensors, and metadata {"format", "iteration", "config" (JSON)};
 - any other name: a torch file {"format", "model", "iteration", "config"}.
+A Hugging Face directory (transformers' names and config.json) is hf.py's.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ def write_export(full: FullModel, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise ValueError(f"{path}: safetensors is not installed; use a .pt name for --export") from None
+        from safetensors.torch import save_file
+
         meta = {"format": EXPORT_FORMAT, "iteration": str(full.iteration),
                 "config": json.dumps(_jsonable_config(full.common))}
         save_file(tensors, str(tmp), metadata=meta)
@@ -53,7 +51,7 @@ def write_export(full: FullModel, path: Path) -> str:
 def read_export(path: Path) -> dict:
     """{"model", "config", "iteration"} of an exported file; ValueError for anything else."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open  # present whenever such a file was written
+        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

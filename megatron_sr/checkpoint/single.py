@@ -75,7 +75,9 @@ def load_checkpoint(load_dir: str | Path, model_chunks: list[nn.Module], optimiz
         raise FileNotFoundError(f"{path}: checkpoint named by {LATEST} is missing")
     payload = load_file(path)
     if payload.get("format") != SINGLE_FORMAT:
-        raise ValueError(f"{path}: not a megatron-sr checkpoint (format {payload.get('format')!r})")
+        hint = (f"; a Megatron-LM checkpoint: convert it with tools/convert_checkpoint.py --from-megatron {load_dir} "
+                "--save DIR" if "args" in payload else "")
+        raise ValueError(f"{path}: not a megatron-sr checkpoint (format {payload.get('format')!r}){hint}")
     for key, model in zip(sorted(k for k in payload if k.startswith("model")), model_chunks):
         model.load_state_dict(payload[key])
     if optimizer is not None:
