@@ -1,38 +1,57 @@
-"""Weighted blends of datasets (`--data-path 0.7 A 0.3 B`)."""
+"""Weighted blends of datasets (`--data-path 0.7 A 0.3 B`), in megatron-core's BlendedDataset order."""
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 import torch
 
+from .gpt_dataset import INDEX_ALGORITHM_VERSION, load_cached_arrays, save_cached_arrays
+from .megatron_order import build_blending_indices, normalize
 
-def build_blending_indices(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Interleave datasets so that after any n samples dataset d has contributed within one sample of
-    weights[d] * n. The k-th sample of dataset d is placed at time (k + 0.5) / weights[d]; sorting all
-    those times (ties by dataset) gives the order. Vectorised; no per-sample Python loop."""
-    weights = np.asarray(weights, dtype=np.float64)
-    weights = weights / weights.sum()
-    times, dataset_ids, sample_ids = [], [], []
-    for d, w in enumerate(weights):
-        if w <= 0:
-            continue
-        k = np.arange(int(np.ceil(num_samples * w)) + 1, dtype=np.int64)
-        times.append((k + 0.5) / w)
-        dataset_ids.append(np.full(len(k), d, dtype=np.int16))
-        sample_ids.append(k)
-    t, ds, ks = np.concatenate(times), np.concatenate(dataset_ids), np.concatenate(sample_ids)
-    order = np.lexsort((ds, t))[:num_samples]
-    return ds[order], ks[order]
+__all__ = ["BlendedDataset", "build_blending_indices"]
+
+BLEND_INDEX_NAMES = ("dataset_index", "dataset_sample_index")
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    def __init__(self, datasets: list, weights: list[float], num_samples: int):
+    """`size` samples drawn from `datasets` in proportion to `weights` (normalised here, as megatron-core's
+    BlendedDataset does). With cache_dir the two indices are cached, keyed by the parts' own cache keys
+    (when they have them), the weights and the size."""
+
+    def __init__(self, datasets: list, weights: list[float], size: int, cache_dir: str | None = None):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"a blend needs one positive weight per dataset, got {len(weights)} for {len(datasets)}")
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"blend weights must be positive, got {list(weights)}")
         self.datasets = datasets
-        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        self.dataset_index, self.dataset_sample_index = build_blending_indices(self.weights, num_samples)
-        for d, ds in enumerate(datasets):
-            used = self.dataset_sample_index[self.dataset_index == d]
-            if len(used) and used.max() >= len(ds):
-                raise ValueError(f"blend needs {used.max() + 1} samples from dataset {d}, which has {len(ds)}")
+        self.weights = normalize(weights)
+        self.size = int(size)
+        key = self._cache_key() if cache_dir else None
+        loaded = load_cached_arrays(cache_dir, f"BlendedDataset_{key}", BLEND_INDEX_NAMES) if key else None
+        if loaded is None:
+            loaded = build_blending_indices(self.weights, self.size)
+            self._check_parts_are_long_enough(loaded[0])
+            if key:
+                desc = {"order": "megatron-core BlendedDataset", "weights": self.weights, "size": self.size,
+                        "datasets": [ds.cache_key for ds in datasets]}
+                save_cached_arrays(cache_dir, f"BlendedDataset_{key}", dict(zip(BLEND_INDEX_NAMES, loaded)), desc)
+        self.dataset_index, self.dataset_sample_index = loaded
+
+    def _cache_key(self) -> str | None:
+        parts = [getattr(ds, "cache_key", None) for ds in self.datasets]
+        if any(p is None for p in parts):
+            return None
+        desc = {"version": INDEX_ALGORITHM_VERSION, "datasets": parts, "weights": [w.hex() for w in self.weights],
+                "size": self.size}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _check_parts_are_long_enough(self, dataset_index: np.ndarray) -> None:
+        draws = np.bincount(dataset_index, minlength=len(self.datasets))
+        for d, (n, ds) in enumerate(zip(draws, self.datasets)):
+            if n > len(ds):
+                raise ValueError(f"blend needs {n} samples from dataset {d}, which has {len(ds)}")
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -1,7 +1,7 @@
-"""GPT samples over a range of documents of an indexed dataset.
+"""GPT samples over a range of documents of an indexed dataset, in megatron-core's GPTDataset order.
 
-Three indices, built with vectorised numpy and cached as .npy:
-- document index: the documents of each epoch, shuffled per epoch;
+Three indices (built by megatron_order.build_gpt_indices, cached as .npy when asked):
+- document index: the documents of all epochs, shuffled (the last epoch on its own when it is separate);
 - sample index [num_samples + 1, 2]: (position in the document index, token offset) where sample i
   starts; sample i runs to the start of sample i + 1 inclusive, i.e. seq_length + 1 tokens;
 - shuffle index: a permutation of the samples.
@@ -17,42 +17,18 @@ import numpy as np
 import torch
 
 from .indexed_dataset import IndexedDataset
+from .megatron_order import build_gpt_indices
 
-INDEX_ALGORITHM_VERSION = 1  # bump when the index construction below changes
+# Part of every cache key: bump when the index construction changes. 2: megatron-core's order (1 was the
+# project's own, with per-epoch shuffles and another RNG; its cache files are never read again).
+INDEX_ALGORITHM_VERSION = 2
 
 
 @dataclass(frozen=True)
 class GPTIndexConfig:
     seq_length: int
     seed: int
-    num_samples: int  # requested; the dataset holds at least this many
-
-
-def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
-    # num_samples samples need num_samples * seq_length + 1 tokens (samples overlap by one token)
-    needed = num_samples * seq_length + 1
-    return max(1, -(-needed // tokens_per_epoch))
-
-
-def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.Generator) -> np.ndarray:
-    tiled = np.broadcast_to(documents.astype(np.int32), (num_epochs, len(documents)))
-    return rng.permuted(tiled, axis=1).reshape(-1)
-
-
-def build_sample_index(doc_lengths: np.ndarray, seq_length: int) -> np.ndarray:
-    """doc_lengths: token counts in document-index order. Returns [n + 1, 2] int64 (doc position, offset)."""
-    ends = np.cumsum(doc_lengths, dtype=np.int64)
-    total = int(ends[-1])
-    num_samples = (total - 1) // seq_length
-    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_length
-    # the document holding token position p is the first one whose end exceeds p (skips empty documents)
-    doc_pos = np.searchsorted(ends, starts, side="right")
-    offsets = starts - (ends[doc_pos] - doc_lengths[doc_pos])
-    return np.stack([doc_pos.astype(np.int64), offsets], axis=1)
-
-
-def build_shuffle_index(num_samples: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.permutation(num_samples).astype(np.int64)
+    num_samples: int | None  # requested (the dataset holds at least this many); None: one epoch
 
 
 def index_cache_key(dataset: IndexedDataset, documents: np.ndarray, cfg: GPTIndexConfig) -> str:
@@ -65,6 +41,37 @@ def index_cache_key(dataset: IndexedDataset, documents: np.ndarray, cfg: GPTInde
     h.update(json.dumps(desc, sort_keys=True).encode())
     h.update(np.ascontiguousarray(dataset.sequence_lengths).tobytes())
     return h.hexdigest()[:32]
+
+
+def cache_paths(cache_dir: str, base: str, names: tuple[str, ...]) -> dict[str, str]:
+    stem = os.path.join(cache_dir, base)
+    return {k: f"{stem}_{k}.npy" for k in names} | {"description": f"{stem}_description.json"}
+
+
+def load_cached_arrays(cache_dir: str, base: str, names: tuple[str, ...]):
+    """The arrays memory-mapped, or None unless the whole set (description included) is there."""
+    paths = cache_paths(cache_dir, base, names)
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    return tuple(np.load(paths[k], mmap_mode="r") for k in names)
+
+
+def save_cached_arrays(cache_dir: str, base: str, arrays: dict[str, np.ndarray], description: dict) -> None:
+    """Every file goes through a temporary name; the description is written last and marks the set
+    complete. Ranks racing to build write identical files, so the race is harmless."""
+    os.makedirs(cache_dir, exist_ok=True)
+    paths = cache_paths(cache_dir, base, tuple(arrays))
+    suffix = f".tmp{os.getpid()}"
+    for key, arr in arrays.items():
+        with open(paths[key] + suffix, "wb") as f:
+            np.save(f, arr)
+        os.replace(paths[key] + suffix, paths[key])
+    with open(paths["description"] + suffix, "w") as f:
+        json.dump(description, f, indent=1)
+    os.replace(paths["description"] + suffix, paths["description"])
+
+
+INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -96,43 +103,20 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.name == "train" and tokens_per_epoch < cfg.seq_length + 1:  # every sample would repeat it
             raise ValueError(f"{self.indexed.path_prefix}: the train split holds {tokens_per_epoch} tokens, fewer "
                              f"than one sample of --seq-length {cfg.seq_length} + 1")
-        epochs = num_epochs_needed(tokens_per_epoch, cfg.seq_length, cfg.num_samples)
-        doc_rng = np.random.default_rng([cfg.seed, 0])
-        document_index = build_document_index(self.documents, epochs, doc_rng)
-        sample_index = build_sample_index(self.indexed.sequence_lengths[document_index].astype(np.int64),
-                                          cfg.seq_length)
-        shuffle_index = build_shuffle_index(len(sample_index) - 1, np.random.default_rng([cfg.seed, 1]))
-        return document_index, sample_index, shuffle_index
-
-    def _cache_paths(self, cache_dir: str) -> dict[str, str]:
-        base = os.path.join(cache_dir, f"GPTDataset_{self.cache_key}")
-        return {k: f"{base}_{k}.npy" for k in ("document_index", "sample_index", "shuffle_index")} | {
-            "description": f"{base}_description.json"}
+        return build_gpt_indices(self.indexed.sequence_lengths, self.documents, cfg.seq_length, cfg.seed,
+                                 cfg.num_samples)
 
     def _load_cache(self, cache_dir: str):
-        paths = self._cache_paths(cache_dir)
-        if not all(os.path.isfile(p) for p in paths.values()):
-            return None
-        return tuple(np.load(paths[k], mmap_mode="r") for k in ("document_index", "sample_index", "shuffle_index"))
+        return load_cached_arrays(cache_dir, f"GPTDataset_{self.cache_key}", INDEX_NAMES)
 
     def _save_cache(self, cache_dir: str, document_index, sample_index, shuffle_index) -> None:
-        # Every file goes through a temporary name; the description is written last and marks the set
-        # complete. Ranks racing to build write identical files, so the race is harmless.
-        os.makedirs(cache_dir, exist_ok=True)
-        paths = self._cache_paths(cache_dir)
-        suffix = f".tmp{os.getpid()}"
-        for key, arr in (("document_index", document_index), ("sample_index", sample_index),
-                         ("shuffle_index", shuffle_index)):
-            with open(paths[key] + suffix, "wb") as f:
-                np.save(f, arr)
-            os.replace(paths[key] + suffix, paths[key])
-        desc = {"prefix": os.path.abspath(self.indexed.path_prefix), "split": self.name,
+        desc = {"order": "megatron-core GPTDataset", "version": INDEX_ALGORITHM_VERSION,
+                "prefix": os.path.abspath(self.indexed.path_prefix), "split": self.name,
                 "documents": [int(self.documents[0]), int(self.documents[-1]) + 1],
                 "seq_length": self.cfg.seq_length, "seed": self.cfg.seed,
                 "num_samples_requested": self.cfg.num_samples, "num_samples": len(shuffle_index)}
-        with open(paths["description"] + suffix, "w") as f:
-            json.dump(desc, f, indent=1)
-        os.replace(paths["description"] + suffix, paths["description"])
+        arrays = dict(zip(INDEX_NAMES, (document_index, sample_index, shuffle_index), strict=True))
+        save_cached_arrays(cache_dir, f"GPTDataset_{self.cache_key}", arrays, desc)
 
     def __len__(self) -> int:
         return len(self.shuffle_index)
