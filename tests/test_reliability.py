@@ -177,7 +177,7 @@ def test_a_truncated_checkpoint_names_the_file_and_the_previous_iteration(saved)
         run("--train-iters", "6", "--load", str(saved), "--save", str(saved))
 
 
-def test_degenerate_splits_are_an_error_or_a_warning(tmp_path):
+def test_degenerate_splits_are_an_error(tmp_path):
     from data_helpers import write_synthetic
 
     write_synthetic(str(tmp_path / "d"), [200] * 20, vocab=128)
@@ -185,9 +185,21 @@ def test_degenerate_splits_are_an_error_or_a_warning(tmp_path):
     argv = [a for a in TINY if a != "--mock-data"] + flags
     with pytest.raises(ValueError, match="--split 0,100,0: the training split holds no samples"):
         pretrain(parse_config(argv + ["--split", "0,100,0"]), Recorder())
-    rec = Recorder()
-    pretrain(parse_config(argv + ["--split", "100,0,0"]), rec)
-    assert any("validation split empty" in line for line in rec.lines)
+    with pytest.raises(ValueError, match=f"--split 100,0,0 leaves the validation split of --data-path {tmp_path / 'd'} "
+                                         "empty"):
+        pretrain(parse_config(argv + ["--split", "100,0,0"]), Recorder())
+    one_document = tmp_path / "one"
+    write_synthetic(str(one_document), [4000], vocab=128)  # 98,2,0 of one document: validation gets nothing
+    with pytest.raises(ValueError, match="--split 98,2,0 leaves the validation split"):
+        pretrain(parse_config(argv[:-6] + ["--data-path", str(one_document), "--vocab-size", "128", "--train-iters",
+                                           "2", "--split", "98,2,0"]), Recorder())
+    result = pretrain(parse_config(argv + ["--split", "100,0,0", "--eval-iters", "0"]), Recorder())
+    assert result.valid_losses == []  # --eval-iters 0: no validation, as in Megatron
+
+
+def test_eval_iters_0_means_no_validation_on_mock_data():
+    result = pretrain(parse_config(TINY + ["--train-iters", "2", "--eval-iters", "0"]), Recorder())
+    assert result.valid_losses == [] and len(result.train_losses) == 2
 
 
 def test_device_cuda_without_a_gpu_is_one_line():

@@ -128,6 +128,12 @@ _SCALAR_SWITCHES = (("log_timers_to_tensorboard", "--log-timers-to-tensorboard")
                     ("log_world_size_to_tensorboard", "--log-world-size-to-tensorboard"))
 
 
+def _check_update_stall(cfg: Config) -> None:
+    if cfg.training.log_update_stall_interval < 0:
+        raise ConfigError("--log-update-stall-interval must be >= 0 (0: off), got "
+                          f"{cfg.training.log_update_stall_interval}")
+
+
 def _check_logging(cfg: Config) -> None:
     """Intervals positive; a scalar switch needs somewhere to write; timer options need timers; wandb needs its
     run name, a directory and the package (checked here, on every rank, before any training)."""
@@ -409,4 +415,5 @@ def finalize(cfg: Config) -> Config:
     if t.log_interval <= 0:
         raise ConfigError("--log-interval must be positive")
     _check_logging(cfg)
+    _check_update_stall(cfg)
     return cfg

@@ -167,6 +167,10 @@ class TrainingConfig:
                                         "pass over the parameters, at logged iterations only)")
     log_num_zeros_in_grad: bool = _opt(False, "number of zero gradient elements (before clipping) in the log line "
                                               "and as num-zeros, at logged iterations only")
+    log_update_stall_interval: int = _opt(
+        0, "every N iterations, the fraction of weight updates that round to no change (elements with a nonzero "
+        "gradient whose stored weight, the FP32 master in bf16-mp, keeps its bits through the step), in the log "
+        "line and as update-stall-fraction (0: off; one copy of the weights at those iterations)")
     log_throughput: bool = _opt(False, "Megatron's 'throughput per GPU (TFLOP/s/GPU)' field in the log line (and "
                                        "the throughput scalar with --log-timers-to-tensorboard)")
     timing_log_level: int = _opt(0, "timers: 0 the iteration time only (no host synchronisation); 1 also "

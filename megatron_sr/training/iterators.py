@@ -43,9 +43,9 @@ class VocabChecked(torch.utils.data.Dataset):
 
 def build_datasets(cfg: Config):
     n = num_samples(cfg)
-    if cfg.data.mock_data:
+    if cfg.data.mock_data:  # a split asked for no samples (--eval-iters 0: no validation) has no dataset
         return tuple(MockGPTDataset(k, cfg.model.seq_length, cfg.model.vocab_size, cfg.training.seed, split=i)
-                     for i, k in enumerate(n))
+                     if k else None for i, k in enumerate(n))
     from ..data import build_gpt_datasets
 
     datasets = build_gpt_datasets(cfg.data.data_path, cfg.data.split, cfg.model.seq_length, cfg.training.seed, n,

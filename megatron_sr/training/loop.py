@@ -7,8 +7,9 @@ reports to an Observer (training/observer.py).
 
 Logging follows Megatron's training_log: a line every --log-interval iterations (loss averaged over the
 interval, the last iteration's grad norm and, with --log-params-norm / --log-num-zeros-in-grad, its params
-norm and zero count), scalars every --tensorboard-log-interval iterations (training/loggers.py), and the
-timers of --timing-log-level (training/timers.py) after the line. Every per-iteration value stays on the
+norm and zero count; with --log-update-stall-interval the latest update stall fraction), scalars every
+--tensorboard-log-interval iterations (training/loggers.py), and the timers of --timing-log-level
+(training/timers.py) after the line. Every per-iteration value stays on the
 device until the log line reads them all in one transfer (`_Records`).
 """
 
@@ -30,11 +31,13 @@ from ..distributed import DistributedOptimizer
 from ..parallel.parallel_state import any_rank
 from .forward_backward import average_losses, mean_loss
 from .loggers import memory_scalars
-from .model_stats import num_zeros_in_grad, params_norm
+from .model_stats import UpdateStallProbe, num_zeros_in_grad, params_norm
 from .observer import Observer
 from .setup import TrainingDiverged
 from .throughput import flops_per_iteration, memory_report, model_shape, peak_bf16_tflops, recomputed_fraction
 from .timers import TimedIterator, Timers, instrument
+
+STALL = "update-stall-fraction"  # --log-update-stall-interval's scalar (training/model_stats.py)
 
 
 class SigtermHandler:
@@ -114,6 +117,7 @@ class _Records:
         self.losses: list[float] = []  # every iteration's loss, for LoopResult
         self.window: list[float] = []  # losses since the last log line
         self.last: dict[str, float] = {"grad-norm": float("nan")}  # the last row's device values
+        self.last_stall: float | None = None  # the latest --log-update-stall-interval value
 
     def writes_scalars(self, iteration: int) -> bool:
         return self.writer is not None and self._scalar_iteration(iteration)
@@ -147,8 +151,12 @@ class _Records:
             self.losses.append(got["lm loss"])
             self.window.append(got["lm loss"])
             self.last = got
+            if STALL in got:
+                self.last_stall = got[STALL]
             if self.writes_scalars(row.iteration):
                 self._write(row, got)
+            elif self.writer is not None and STALL in got:  # sampled at its own interval
+                self.writer.add_scalar(STALL, got[STALL], row.iteration, row.samples)
         self.rows = []
         if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
             raise TrainingDiverged(f"{self.consecutive_skips} iterations in a row had NaN/Inf gradients (up to "
@@ -166,7 +174,7 @@ class _Records:
         if self.t.log_world_size_to_tensorboard:
             add("world-size", self.world_size, it, samples)
         add("grad-norm", got["grad-norm"], it, samples)
-        for name in ("num-zeros", "params-norm"):
+        for name in ("num-zeros", "params-norm", STALL):
             if name in got:
                 add(name, got[name], it, samples)
         for name, value in (row.memory or {}).items():
@@ -195,6 +203,8 @@ def line_stats(records: _Records, t: TrainingConfig) -> str:
         out += f" num zeros: {int(last['num-zeros'])} |"
     if t.log_params_norm and "params-norm" in last:
         out += f" params norm: {last['params-norm']:.3f} |"
+    if records.last_stall is not None:
+        out += f" update stall: {records.last_stall:.4f} |"
     return out
 
 
@@ -253,11 +263,15 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             observer.on_gradients(state.iteration + 1, trainer)
             reported = records.reports(state.iteration + 1)
             stats = gradient_stats(optimizer, t) if reported else {}
+            interval = t.log_update_stall_interval  # the same iterations on every rank: it all-reduces
+            stall = UpdateStallProbe(optimizer) if interval and (state.iteration + 1) % interval == 0 else None
             step_timer.start(barrier=t.barrier_with_level_1_timing)
             result = optimizer.step()
             step_timer.stop()
             if reported and t.log_params_norm:
                 stats["params-norm"] = params_norm(optimizer)
+            if stall is not None:
+                stats[STALL] = stall.fraction(result.skipped_tensor)
             state.iteration += 1
             state.consumed_train_samples += trainer.global_batch_size_at(state.consumed_train_samples)
             loss = mean_loss(losses)

@@ -124,8 +124,10 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
     train_it, valid_it, _ = build_iterators(cfg, state.consumed_train_samples)
     if train_it is None:
         raise ValueError(f"--split {cfg.data.split}: the training split holds no samples")
-    if valid_it is None and cfg.training.eval_iters > 0:
-        observer.log(f" WARNING: --split {cfg.data.split} leaves the validation split empty: no validation loss")
+    if valid_it is None and cfg.training.eval_iters > 0:  # never a silently skipped validation
+        raise ValueError(f"--split {cfg.data.split} leaves the validation split of --data-path "
+                         f"{' '.join(cfg.data.data_path or [])} empty (one document, or a 0 valid share): give "
+                         "validation a share of several documents, or --eval-iters 0 for no validation")
     writer = tensorboard_writer(cfg)
     observer.on_train_start(trainer)
     result = train(trainer, train_it, valid_it, state, observer, writer)
