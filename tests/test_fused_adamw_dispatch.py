@@ -29,7 +29,8 @@ def fresh_warning(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", False)
 
 
-def test_cpu_fallback_matches_reference_and_warns_once(fresh_warning):
+def test_cpu_fallback_matches_reference_and_warns_once(fresh_warning, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SR_CPU_FAST", "0")  # the CPU library off: the fall-back (tests/test_cpu_fast_path.py)
     chunks = [_chunk(1000, 0, 0.1), _chunk(37, 1000, 0.0, torch.bfloat16, seed=1), _chunk(0, 1037)]
     want = [_clone(c) for c in chunks]
     with warnings.catch_warnings(record=True) as caught:

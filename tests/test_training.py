@@ -79,9 +79,10 @@ def shakespeare(tmp_path_factory):
 def test_bf16_sr_ends_near_fp32_on_real_text(shakespeare):
     """Tiny GPT, 100 iterations on Tiny Shakespeare: bf16-sr's validation loss is within 0.1 nats of fp32's.
 
-    Why 0.1: with this budget, fp32 itself ends 0.40 nats apart across seeds 1-4 (4.39 to 4.79); the
-    same-seed bf16-sr vs fp32 gap measured 0.001 and 0.033 nats. 0.1 nats is a quarter of fp32's own
-    seed spread: a broken SR (e.g. biased rounding, lost small updates) shows as bf16's 0.06+ or worse.
+    Why 0.1: with this budget fp32 itself ends 0.22 nats apart across seeds 1-4 (4.556, 4.637, 4.773, 4.718
+    with Megatron's sample order and the FP32-inner-arithmetic CPU attention); the same-seed bf16-sr vs fp32
+    gaps measured 0.002, 0.018, 0.001, 0.030 nats (round-to-nearest bf16: 0.004, 0.105, 0.001, 0.034).
+    Learning is checked as ending below 0.8 x ln(512), well under the 6.24 it starts from.
     """
     args = (f"--data-path {shakespeare / 'shakes_text_document'} --tokenizer-model {shakespeare / 'tok.model'} "
             "--split 95,5,0 --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
@@ -93,7 +94,7 @@ def test_bf16_sr_ends_near_fp32_on_real_text(shakespeare):
         result = pretrain(parse_config(args + ["--precision", precision]))
         final[precision] = result.valid_losses[-1][1]
         assert result.train_losses[0] > 6.0  # starts near ln(512) = 6.24
-    assert final["fp32"] < 0.75 * math.log(512) and final["bf16-sr"] < 0.75 * math.log(512)
+    assert final["fp32"] < 0.8 * math.log(512) and final["bf16-sr"] < 0.8 * math.log(512)
     assert abs(final["bf16-sr"] - final["fp32"]) < 0.1, final
 
 

@@ -7,7 +7,10 @@ FP32 (log-)softmax saved for backward and the FP32 gradient in backward; each FP
 vocab/tp bytes - at micro-batch 8, sequence 1024, vocab 50304: 8 x 1024 x 50304 x 4 B = 1.6 GiB. Here at most
 `chunk_tokens` rows of logits exist at a time (peak extra memory O(chunk_tokens x vocab/tp) plus one FP32
 [vocab/tp, h] gradient accumulator); what is kept for backward is hidden, weight, labels and two FP32
-numbers per token. The price is one extra LM-head GEMM: backward recomputes each chunk's logits.
+numbers per token. The price is one extra LM-head GEMM: backward recomputes each chunk's logits. On the
+CPU, where that GEMM is ~3% of a small model's iteration and memory is rarely short, an input that is a
+single chunk keeps its FP32 logits for backward instead (at most chunk_tokens x vocab/tp x 4 bytes, the
+bound --loss-chunk-tokens sets; tp == 1), which gives the same bits as recomputing them.
 
 Parallelism is the plain path's: `hidden` first goes through the same mapping as `parallel_lm_logits`
 (all-gather along the sequence under --sequence-parallel, else copy-to-tp-region), whose backward does
@@ -92,9 +95,13 @@ class _ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         norm = torch.empty(n if tp == 1 else (2, n), dtype=torch.float32, device=hidden.device)
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+        ctx.kept_logits = None  # (param-dtype logits as FP32) of a single CPU chunk, instead of the recompute
         for a, b in _chunks(n, chunk_tokens):
-            local = _logits(hidden[a:b], weight).float()
+            logits = _logits(hidden[a:b], weight)
+            local = logits.float()
             target = labels[a:b]
+            if tp == 1 and hidden.device.type == "cpu" and b - a == n:
+                ctx.kept_logits = (local, logits.dtype)
             if tp == 1:
                 # F.cross_entropy is log_softmax + nll: the same kernel on the same rows gives the same bits.
                 log_probs = F.log_softmax(local, dim=-1)
@@ -130,8 +137,13 @@ class _ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         grad_loss = grad_loss.float()
         for a, b in _chunks(hidden.shape[0], ctx.chunk_tokens):
             h = hidden[a:b]
-            logits = _logits(h, weight)  # the recompute: one extra LM-head GEMM
-            local = logits.float() if logits.dtype != torch.float32 else logits
+            kept, ctx.kept_logits = ctx.kept_logits, None  # used once: backward overwrites it in place
+            if kept is not None:
+                local, dtype = kept
+            else:
+                logits = _logits(h, weight)  # the recompute: one extra LM-head GEMM
+                local, dtype = (logits.float() if logits.dtype != torch.float32 else logits), logits.dtype
+                del logits
             target, g = labels[a:b], grad_loss[a:b].unsqueeze(-1)
             local.sub_(logits_max[a:b].unsqueeze(-1))
             if ctx.tp == 1:
@@ -145,8 +157,8 @@ class _ChunkedLMHeadCrossEntropy(torch.autograd.Function):
                 grad = local.exp_().div_(norm[a:b].unsqueeze(-1))
                 grad.scatter_add_(-1, local_target.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
                 grad.mul_(g)
-            grad = grad.to(logits.dtype)
-            del logits, local
+            grad = grad.to(dtype)
+            del local
             if need_hidden:
                 grad_hidden[a:b] = _grad_hidden(grad, weight)
             if need_weight:

@@ -17,6 +17,10 @@ that a CUDA graph can capture the step and both paths see identical scalars.
 
 Scalar operands are 0-dim tensors on the data's device: torch's CUDA division by a *CPU* scalar
 multiplies by its reciprocal, which is not IEEE division.
+
+sqrt is the correctly rounded FP32 square root (IEEE sqrt, the kernels' __fsqrt_rn / sqrtps), taken
+as `sqrt_rn`: torch's CPU `torch.sqrt` on FP32 is not correctly rounded (on an AVX2 build ~16% of
+results are one ulp off), which would make the definition depend on the device and the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ def step_scalars(
     return torch.stack((f64(lr), bc1, bc2, flag)).to(torch.float32)
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded FP32 sqrt on every device: the FP64 sqrt rounded once to FP32 (53 >= 2 * 24 + 2 bits,
+    so the double rounding is innocuous; an FP64 sqrt within a few FP64 ulps is enough)."""
+    return torch.sqrt(x.double()).float()
+
+
 def _write_back(
     dst: torch.Tensor, value: torch.Tensor, rounding: Rounding, base_index: int, step: int, stream: int, key: SRKey
 ) -> None:
@@ -127,7 +137,7 @@ def adamw_reference_(
         p = p - (lr * f32(wd)) * p
     m = exp_avg.float() * f32(consts.beta1) + g * f32(consts.one_minus_beta1)
     v = exp_avg_sq.float() * f32(consts.beta2) + (g * g) * f32(consts.one_minus_beta2)
-    p = p - lr * ((m / bc1) / (torch.sqrt(v / bc2) + f32(consts.eps)))
+    p = p - lr * ((m / bc1) / (sqrt_rn(v / bc2) + f32(consts.eps)))
 
     _write_back(exp_avg, m, rounding, base_index, step, STREAM_EXP_AVG, key)
     _write_back(exp_avg_sq, v, rounding, base_index, step, STREAM_EXP_AVG_SQ, key)

@@ -1,9 +1,10 @@
-"""One entry point for the SR AdamW step over a list of chunks (chunks.py): the fused CUDA kernel or the reference.
+"""One entry point for the SR AdamW step over a list of chunks (chunks.py): a fused kernel or the reference.
 
-On CUDA the fused kernel (fused.py, csrc/) runs when it builds; it is bitwise equal to the eager
-reference. Otherwise the reference runs (wrapped in torch.compile on a GPU, for speed) and one
-RuntimeWarning per process says why. MEGATRON_SR_FUSED=0 forces the reference;
-MEGATRON_SR_COMPILE_FALLBACK=0 keeps the GPU fallback eager.
+On CUDA the fused kernel (fused.py, csrc/) runs when it builds; on the CPU the C++ library (cpu_fast.py,
+csrc/sr_adamw_cpu.cpp) when a C++ compiler builds it. Both are bitwise equal to the eager reference.
+Otherwise the reference runs (wrapped in torch.compile on a GPU, for speed) and one RuntimeWarning per
+process says why. MEGATRON_SR_FUSED=0 forces the reference on every device, MEGATRON_SR_CPU_FAST=0 on
+the CPU; MEGATRON_SR_COMPILE_FALLBACK=0 keeps the GPU fallback eager.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import fused
+from . import cpu_fast, fused
 from .adamw_reference import AdamWConstants, Rounding, adamw_reference_
 from .chunks import AdamWChunk
 from .philox import SRKey
@@ -36,7 +37,7 @@ def adamw_step_(
     key: SRKey,
 ) -> str | None:
     """Apply one AdamW step to every chunk in place (scalars from `step_scalars`); returns the path taken,
-    "fused" or "reference" (None when every chunk is empty).
+    "fused" (CUDA kernel), "cpu" (CPU library) or "reference" (None when every chunk is empty).
 
     `step` is an int or a one-element int64 tensor; on the fused path a CUDA step tensor and the
     scalars tensor are read on the device, so a CUDA graph can capture the step. The first call with a
@@ -54,14 +55,15 @@ def adamw_step_(
     live = [c for c in chunks if c.param.numel() > 0]
     if not live:
         return None
-    reason = fused_unusable_reason(live, scalars)
-    if reason is None:
-        try:
-            fused.build_plan(chunks, live).step(scalars=scalars, step=step, consts=consts,
-                                                stochastic=rounding is Rounding.STOCHASTIC, key=key)
+    if live[0].param.device.type == "cpu":
+        reason = _cpu_step(live, scalars=scalars, step=step, consts=consts, rounding=rounding, key=key)
+        if reason is None:
+            return "cpu"
+        reason = f"tensors are on cpu; the CPU library: {reason}"
+    else:
+        reason = _cuda_step(chunks, live, scalars=scalars, step=step, consts=consts, rounding=rounding, key=key)
+        if reason is None:
             return "fused"
-        except fused.FusedUnavailable as exc:
-            reason = str(exc)
     _warn_once(f"megatron_sr: fused SR AdamW kernel not used ({reason}); running the PyTorch reference")
     step_int = int(step)
     for c in live:
@@ -69,6 +71,32 @@ def adamw_step_(
             c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step_int, consts=consts,
             weight_decay=c.weight_decay, rounding=rounding, key=key, base_index=c.base_index)
     return "reference"
+
+
+def _cpu_step(live: list[AdamWChunk], *, scalars: torch.Tensor, step: int | torch.Tensor, consts: AdamWConstants,
+              rounding: Rounding, key: SRKey) -> str | None:
+    """The step on the CPU library; None when it ran, else why it could not (nothing was written then)."""
+    if os.environ.get("MEGATRON_SR_FUSED", "1") == "0":
+        return "disabled by MEGATRON_SR_FUSED=0"
+    try:
+        cpu_fast.step(live, scalars=scalars, step=int(step), consts=consts, stochastic=rounding is Rounding.STOCHASTIC,
+                      key=key)
+    except (cpu_fast.CpuFastUnavailable, cpu_fast.UnsupportedChunks) as exc:
+        return str(exc)
+    return None
+
+
+def _cuda_step(chunks: list[AdamWChunk], live: list[AdamWChunk], *, scalars: torch.Tensor, step: int | torch.Tensor,
+               consts: AdamWConstants, rounding: Rounding, key: SRKey) -> str | None:
+    """The step on the fused CUDA kernel (planned and cached under `chunks`); None when it ran, else why not."""
+    reason = fused_unusable_reason(live, scalars)
+    if reason is None:
+        try:
+            fused.build_plan(chunks, live).step(scalars=scalars, step=step, consts=consts,
+                                                stochastic=rounding is Rounding.STOCHASTIC, key=key)
+        except fused.FusedUnavailable as exc:
+            reason = str(exc)
+    return reason
 
 
 def fused_unusable_reason(chunks: list[AdamWChunk], scalars: torch.Tensor) -> str | None:
