@@ -100,7 +100,8 @@ class SelfAttention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax(q k^T / sqrt(d)) v with causal mask and dropout: what selective recompute recomputes."""
         gqa = {"enable_gqa": True} if self.heads_per_group > 1 else {}  # k/v heads repeated over their group
-        with tp_rng():  # this rank's heads: its own dropout stream (parallel/random.py)
+        # the CPU's FP32-inner mode here too, so that selective recompute (outside the layer's mode) replays it
+        with tp_rng(), cpu_bf16_matmul(q):  # tp_rng: this rank's heads, their own dropout stream
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                   is_causal=True, **gqa)
 
