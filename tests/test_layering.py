@@ -67,7 +67,7 @@ def test_upward_import_fails_naming_file_and_line(tmp_path, capsys):
     rc, out = run_check(root, capsys)
     assert rc == 1
     assert ("megatron_sr/parallel/a.py:2: megatron_sr.parallel.a imports megatron_sr.training.loop: "
-            "imports upward: floor 0 primitives -> floor 6 training") in out
+            "imports upward: floor 1 primitives -> floor 7 training") in out
     assert out[-1] == "layers FAILED: 13 modules, 12 imports, 1 violations"
 
 
@@ -81,9 +81,9 @@ def test_lazy_and_type_checking_upward_imports_fail(tmp_path, capsys):
     rc, out = run_check(root, capsys)
     assert rc == 1
     assert any(line.startswith("megatron_sr/parallel/layers.py:2: megatron_sr.parallel.layers imports "
-                               "megatron_sr.distributed.ddp: imports upward: floor 0") for line in out), out
+                               "megatron_sr.distributed.ddp: imports upward: floor 1") for line in out), out
     assert any(line.startswith("megatron_sr/data/__init__.py:3: megatron_sr.data imports megatron_sr.model.gpt: "
-                               "imports upward: floor 2 data -> floor 3 model/pipeline/optimizer") for line in out), out
+                               "imports upward: floor 3 data -> floor 4 model/pipeline/optimizer") for line in out), out
     assert out[-1].endswith(" 2 violations"), out
 
 
@@ -148,9 +148,9 @@ def test_from_package_import_name_resolves_submodules(tmp_path):
 def test_list_prints_each_module_with_its_floor(tmp_path, capsys):
     assert check_layers.main(["--repo", str(make_tree(tmp_path, CLEAN)), "--list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "megatron_sr.parallel.layers: floor 0 primitives" in out
-    assert "megatron_sr.optimizer.sr: floor 3 model/pipeline/optimizer" in out
-    assert "tools.x: floor 7 tools" in out and "pretrain_gpt: floor 7 tools" in out
+    assert "megatron_sr.parallel.layers: floor 1 primitives" in out
+    assert "megatron_sr.optimizer.sr: floor 4 model/pipeline/optimizer" in out
+    assert "tools.x: floor 8 tools" in out and "pretrain_gpt: floor 8 tools" in out
     assert "megatron_sr: package root" in out
 
 

@@ -6,8 +6,8 @@ import torch
 
 from megatron_sr.config import Config, ModelConfig, OptimizerConfig, finalize
 from megatron_sr.model import GPTModel
+from megatron_sr.numerics.philox import SRKey
 from megatron_sr.optimizer.adamw_reference import AdamWConstants, adamw_reference_, step_scalars
-from megatron_sr.optimizer.philox import SRKey
 from megatron_sr.optimizer.sr_adamw import SRAdamW
 from megatron_sr.optimizer.sr_streams import assign_sr_streams
 

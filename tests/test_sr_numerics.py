@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from megatron_sr.numerics.philox import philox4x32
 from megatron_sr.optimizer import (
     AdamWConstants,
     Rounding,
@@ -14,7 +15,6 @@ from megatron_sr.optimizer import (
     step_scalars,
     stochastic_round_bf16,
 )
-from megatron_sr.optimizer.philox import philox4x32
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = "megatron_sr"  # the package itself: may import nothing from the package, so anyone may import it
 FLOORS: list[tuple[str, tuple[str, ...]]] = [  # bottom to top; (floor name, units)
+    ("numerics", ("megatron_sr.numerics",)),  # the Philox stream and the low-bit formats: torch only
     # dtypes, process groups, TP layers, the entry points' error boundary
     # and the table of Megatron-LM's flags
     ("primitives", ("megatron_sr.precision", "megatron_sr.parallel", "megatron_sr.cli", "megatron_sr.megatron_flags")),

@@ -31,7 +31,7 @@ from enum import Enum
 import numpy as np
 import torch
 
-from .philox import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM, SRKey
+from ..numerics.philox import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_PARAM, SRKey
 from .rounding import round_nearest_bf16, stochastic_round_bf16_at
 
 

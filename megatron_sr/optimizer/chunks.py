@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .philox import SRKey
+from ..numerics.philox import SRKey
 from .sr_streams import sr_key_for
 
 

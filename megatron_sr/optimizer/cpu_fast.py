@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..numerics.philox import MASK32, SRKey
 from .adamw_reference import AdamWConstants, sqrt_rn
-from .philox import MASK32, SRKey
 
 if TYPE_CHECKING:
     from .chunks import AdamWChunk

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
+from ..numerics.philox import SRKey
 from . import cpu_fast, fused
 from .adamw_reference import AdamWConstants, Rounding, adamw_reference_
 from .chunks import AdamWChunk
-from .philox import SRKey
 
 __all__ = ["AdamWChunk", "adamw_step_", "fused_unusable_reason"]
 

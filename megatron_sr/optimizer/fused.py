@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ..numerics.philox import SRKey
 from .adamw_reference import AdamWConstants
-from .philox import SRKey
 
 if TYPE_CHECKING:
     from .chunks import AdamWChunk

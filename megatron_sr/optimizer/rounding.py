@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import MASK32, SRKey, random_bits16
+from ..numerics.philox import MASK32, SRKey, random_bits16
 
 
 def _int64_bits_to_bf16(hi16: torch.Tensor) -> torch.Tensor:

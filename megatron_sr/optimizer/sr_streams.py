@@ -18,8 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..numerics.philox import SRKey
 from ..parallel import parallel_state as ps
-from .philox import SRKey
 
 
 def assign_sr_streams(model_chunks: Iterable[nn.Module]) -> None:

@@ -1,0 +1,1 @@
+"""Numerics with no dependency on the rest of the package: the Philox random stream and the low-bit formats."""
