@@ -100,10 +100,10 @@ class _Record(Observer):
     def on_train_start(self, trainer):
         run = trainer.forward_backward
 
-        def counting(model_chunks, data_iterator, num_microbatches, forward_only):
+        def counting(model_chunks, data_iterator, num_microbatches, forward_only, **position):
             if not forward_only:
                 self.microbatches.append(num_microbatches)
-            return run(model_chunks, data_iterator, num_microbatches, forward_only)
+            return run(model_chunks, data_iterator, num_microbatches, forward_only, **position)
 
         trainer.forward_backward = counting
 

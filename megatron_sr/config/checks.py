@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from ..numerics.quant import parse_format
+from ..parallel.quantized_linear import POINT_TENSOR, POINTS
 from ..precision import precision_mode
 from .batch import DEFAULT_TRAIN_ITERS, iterations_for_samples, rampup_batches, schedule_samples
 from .sections import FLAGS, Config, ConfigError, ModelConfig, OptimizerConfig, TrainingConfig
@@ -60,6 +62,48 @@ def _check_model_options(cfg: Config) -> None:
     if m.num_query_groups % tp:
         raise ConfigError(f"--num-query-groups {m.num_query_groups} is not divisible by "
                           f"--tensor-model-parallel-size {tp} (each tp rank holds whole k/v groups)")
+
+
+def _linear_widths(m: ModelConfig, tp: int) -> dict[str, dict[str, int]]:
+    """Per linear of a layer, the local last dimension of its input, weight and output gradient: a column-
+    parallel layer's input and weight rows are whole and its output split; a row-parallel layer's input and
+    weight rows split over tp and its output whole."""
+    qkv_out, attn = (m.num_attention_heads + 2 * m.query_groups) * m.head_dim, m.num_attention_heads * m.head_dim
+    column = lambda i, o: {"input": i, "weight": i, "grad": o // tp}  # noqa: E731
+    row = lambda i, o: {"input": i // tp, "weight": i // tp, "grad": o}  # noqa: E731
+    widths = {"linear_qkv": column(m.hidden_size, qkv_out), "linear_proj": row(attn, m.hidden_size),
+              "linear_fc1": column(m.hidden_size, m.ffn_hidden_size),
+              "linear_fc2": row(m.ffn_hidden_size, m.hidden_size)}
+    return widths
+
+
+def _check_quant(cfg: Config) -> None:
+    """Each --quant-* a known format (one line naming the flag); a block never crosses a tp shard or a row;
+    full recompute would replay the forward at another micro-batch's position, so it is refused."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    formats = {}
+    for point in POINTS:
+        flag, spec = f"--quant-{point.replace('_', '-')}", getattr(m, f"quant_{point}")
+        try:
+            fmt = parse_format(spec)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+        if fmt is not None:
+            formats[point] = fmt
+    if not formats:
+        return
+    if m.recompute_granularity == "full":
+        raise ConfigError("--recompute-granularity full with --quant-* points is not supported (the recomputed "
+                          "forward would draw another micro-batch's rounding bits); use selective or none")
+    for point, fmt in formats.items():
+        block = fmt.block_size()
+        if block is None:
+            continue
+        for linear, widths in _linear_widths(m, tp).items():
+            width = widths[POINT_TENSOR[point]]
+            if width % block:
+                raise ConfigError(f"--quant-{point.replace('_', '-')} {fmt.spec}: blocks of {block} do not tile "
+                                  f"{linear}'s {POINT_TENSOR[point]} width {width} on each of {tp} tp rank(s)")
 
 
 # (flag, lowest, highest, whether the lowest itself is allowed): a value out of range is an error, never clamped
@@ -382,6 +426,7 @@ def finalize(cfg: Config) -> Config:
         raise ConfigError(f"--num-layers {m.num_layers} is not divisible by "
                           f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
     _check_recompute(m, m.num_layers // p.pipeline_model_parallel_size)
+    _check_quant(cfg)
     if p.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
         raise ConfigError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {p.tensor_model_parallel_size}")

@@ -83,6 +83,19 @@ def megatron_extras(values: dict, source: str) -> tuple[dict, list[str]]:
     return out, notes
 
 
+def _flatten_quant_block(raw: dict, path: str) -> dict:
+    """A `quant:` mapping (point: spec, e.g. `fwd-weight: fp:e4m3:sr`) is the --quant-<point> flags."""
+    block = raw.get("quant")
+    if block is None:
+        return raw
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: 'quant' must be a mapping of quantization points to formats")
+    out = {k: v for k, v in raw.items() if k != "quant"}
+    for point, spec in block.items():
+        out["quant_" + str(point).replace("-", "_")] = spec
+    return out
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 
@@ -96,7 +109,7 @@ def load_yaml(path: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
     out = {}
-    for key, value in raw.items():
+    for key, value in _flatten_quant_block(raw, path).items():
         name = str(key).replace("-", "_")
         megatron = "--" + str(key).replace("_", "-")
         if name not in FLAGS and name not in ALIASES and megatron in megatron_flags():

@@ -60,6 +60,14 @@ class ModelConfig:
         False, "take each residual from the norm's output instead of its input (the original BERT ordering)")
     loss_chunk_tokens: int = _opt(4096, "tokens per chunk of the LM head + cross entropy, whose [tokens, vocab] "
                                         "logits are never held whole (0: one chunk, the plain loss)")
+    # Simulated low-bit training (docs/quantization.md): each quantization point of the tp linear layers is
+    # off or FORMAT:ROUNDING (fp:e4m3:sr, fixed:w8f6:rn, bfp:m7:b16:sr, int:b8:row:sr, ...).
+    quant_fwd_input: str = _opt("off", "quantization point: the linear layers' input in forward")
+    quant_fwd_weight: str = _opt("off", "quantization point: the linear layers' weight in forward")
+    quant_bwd_input: str = _opt("off", "quantization point: the input in backward, for the weight gradient")
+    quant_bwd_weight: str = _opt("off", "quantization point: the weight in backward, for the input gradient")
+    quant_bwd_grad_dgrad: str = _opt("off", "quantization point: the output gradient, for the input gradient")
+    quant_bwd_grad_wgrad: str = _opt("off", "quantization point: the output gradient, for the weight gradient")
     recompute_activations: bool = _opt(False, "Megatron's alias for --recompute-granularity selective")
     recompute_granularity: str | None = _opt(
         None, "recompute in backward: full (whole layers, see --recompute-method) or selective (the attention core)",

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..parallel import parallel_state as ps
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
+from ..parallel.quantized_linear import POINTS, QuantScheme, linear_id
 from ..parallel.random import checkpoint, get_rng_tracker
 from .cpu_bf16 import cpu_bf16_matmul
 from .init import init_method_for, output_layer_std
@@ -35,6 +36,17 @@ def sp_rng():
 def recompute_granularity(config: ModelConfig) -> str | None:
     """None, "full" or "selective" (Megatron's --recompute-activations is selective)."""
     return config.recompute_granularity or ("selective" if config.recompute_activations else None)
+
+
+def quant_scheme(config: ModelConfig, seed: int) -> QuantScheme | None:
+    """The linear layers' quantization points (--quant-*), None when all are off."""
+    scheme = QuantScheme.parse({p: getattr(config, f"quant_{p}") for p in POINTS}, seed)
+    return scheme if scheme.enabled else None
+
+
+def _quant(config: ModelConfig, seed: int, layer_number: int, kind: str) -> dict:
+    """The keyword arguments that give one linear its quantization points and stream id."""
+    return {"quant": quant_scheme(config, seed), "quant_id": linear_id(layer_number, kind)}
 
 
 def layer_norm(config: ModelConfig, dtype: torch.dtype) -> nn.LayerNorm | nn.RMSNorm:
@@ -77,7 +89,7 @@ class SelfAttention(nn.Module):
     holds whole groups, and query head i uses the k/v of group i // (heads / groups), on every layout.
     """
 
-    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype, layer_number: int = 0):
         super().__init__()
         h, std = config.hidden_size, config.init_method_std
         bias = not config.disable_bias_linear
@@ -89,10 +101,12 @@ class SelfAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.linear_qkv = ColumnParallelLinear(
             h, (heads + 2 * groups) * self.head_dim, bias=bias, dtype=dtype,
-            init_method=init_method_for(seed, f"{prefix}.linear_qkv.weight", std))
+            init_method=init_method_for(seed, f"{prefix}.linear_qkv.weight", std),
+            **_quant(config, seed, layer_number, "linear_qkv"))
         self.linear_proj = RowParallelLinear(
             heads * self.head_dim, h, bias=bias, dtype=dtype,
-            init_method=init_method_for(seed, f"{prefix}.linear_proj.weight", output_layer_std(std, config.num_layers)))
+            init_method=init_method_for(seed, f"{prefix}.linear_proj.weight", output_layer_std(std, config.num_layers)),
+            **_quant(config, seed, layer_number, "linear_proj"))
         self.rotary = (RotaryEmbedding(self.head_dim, config.rotary_base)
                        if config.position_embedding_type == "rope" else None)
         self.recompute_core = recompute_granularity(config) == "selective"
@@ -123,19 +137,22 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, prefix: str, seed: int, dtype: torch.dtype, layer_number: int = 0):
         super().__init__()
         h, f, std = config.hidden_size, config.ffn_hidden_size, config.init_method_std
         bias = not config.disable_bias_linear
         self.linear_fc1 = ColumnParallelLinear(
-            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1.weight", std))
+            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1.weight", std),
+            **_quant(config, seed, layer_number, "linear_fc1"))
         # SwiGLU's gate is its own column-parallel layer, so a tp slice keeps gate and value rows paired.
         self.linear_fc1_gate = (ColumnParallelLinear(
-            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1_gate.weight", std))
+            h, f, bias=bias, dtype=dtype, init_method=init_method_for(seed, f"{prefix}.linear_fc1_gate.weight", std),
+            **_quant(config, seed, layer_number, "linear_fc1_gate"))
             if config.swiglu else None)
         self.linear_fc2 = RowParallelLinear(
             f, h, bias=bias, dtype=dtype,
-            init_method=init_method_for(seed, f"{prefix}.linear_fc2.weight", output_layer_std(std, config.num_layers)))
+            init_method=init_method_for(seed, f"{prefix}.linear_fc2.weight", output_layer_std(std, config.num_layers)),
+            **_quant(config, seed, layer_number, "linear_fc2"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear_fc1_gate is not None:
@@ -157,9 +174,9 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.residual_post_norm = config.apply_residual_connection_post_layernorm
         self.input_layernorm = layer_norm(config, dtype)
-        self.self_attention = SelfAttention(config, f"{prefix}.self_attention", seed, dtype)
+        self.self_attention = SelfAttention(config, f"{prefix}.self_attention", seed, dtype, layer_number)
         self.pre_mlp_layernorm = layer_norm(config, dtype)
-        self.mlp = MLP(config, f"{prefix}.mlp", seed, dtype)
+        self.mlp = MLP(config, f"{prefix}.mlp", seed, dtype, layer_number)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         p = self.hidden_dropout if self.training else 0.0

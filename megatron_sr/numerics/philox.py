@@ -20,9 +20,14 @@ All arithmetic is overflow-free in int64: 32x32-bit products are split into 16-b
 
 from __future__ import annotations
 
+import ctypes
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from . import native
 
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
@@ -35,6 +40,10 @@ ELEMENTS_PER_CALL = 8
 STREAM_PARAM = 0
 STREAM_EXP_AVG = 1
 STREAM_EXP_AVG_SQ = 2
+# Streams with the top bit set belong to the linear layers' quantization points
+# (megatron_sr/parallel/quantized_linear.py), never to the optimizer's three above.
+STREAM_QUANT = 1 << 31
+WORDS_PER_CALL = 4
 
 
 @dataclass(frozen=True)
@@ -92,3 +101,69 @@ def random_bits16(
     halves = torch.stack((w & 0xFFFF, w >> 16), dim=2).reshape(-1)  # lane order: word0.lo, word0.hi, ...
     start = base_index - first_group * ELEMENTS_PER_CALL
     return halves[start : start + numel]
+
+
+def uniform24_at(index: torch.Tensor, step: int, stream: int, key: SRKey) -> torch.Tensor:
+    """A uniform FP32 value k * 2^-24 (k in [0, 2^24)) per element index of an int64 tensor, same shape.
+
+    The quantization points' layout (one 32-bit word per element, 4 per Philox call):
+        group = index // 4,  lane = index % 4,  k = word[lane] of philox(group, step, stream) >> 8
+    Each index is a position in the *unsharded* tensor, so the value does not depend on the layout.
+    When the indices come in aligned runs of 4 (index % 4 == lane, the usual case) each group is
+    computed once; otherwise once per element.
+    """
+    flat = index.reshape(-1)
+    runs = flat.view(-1, WORDS_PER_CALL) if flat.numel() % WORDS_PER_CALL == 0 else None
+    lanes = torch.arange(WORDS_PER_CALL, dtype=torch.int64, device=index.device)
+    if runs is not None and bool(((runs - runs[:, :1]) == lanes).all() and (runs[:, 0] % WORDS_PER_CALL == 0).all()):
+        group = runs[:, 0] >> 2
+        words = torch.stack(philox4x32(group & MASK32, group >> 32, int(step) & MASK32, int(stream), key), dim=1)
+    else:
+        group = flat >> 2
+        every = torch.stack(philox4x32(group & MASK32, group >> 32, int(step) & MASK32, int(stream), key), dim=1)
+        words = every.gather(1, (flat & 3).unsqueeze(1))
+    return ((words.reshape(-1) >> 8).to(torch.float32) * 2.0**-24).view(index.shape)
+
+
+_UNIFORM_SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_uniform_cpu.cpp"
+_UNIFORM_HEADERS = (Path(__file__).resolve().parent / "csrc" / "philox_cpu.h",)
+_UNIFORM_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_uniform_library: ctypes.CDLL | None = None
+_uniform_failure: str | None = None
+
+
+def _uniform_cpu() -> ctypes.CDLL | None:
+    """The CPU library for uniform24_rows, built on first use; None (and one warning) when it cannot be."""
+    global _uniform_library, _uniform_failure
+    if _uniform_library is None and _uniform_failure is None:
+        try:
+            if not native.enabled():
+                raise native.NativeUnavailable("disabled by MEGATRON_SR_CPU_FAST=0")
+            lib = native.load_library("quant_uniform_cpu", _UNIFORM_SOURCE, _UNIFORM_HEADERS, _UNIFORM_FLAGS,
+                                      ("-march=native",), "CPU quantization uniforms library")
+            lib.quant_uniform24_rows.restype = None
+            lib.quant_uniform24_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_uint32] * 4 + [
+                ctypes.c_int32]
+            _uniform_library = lib
+        except (native.NativeUnavailable, OSError, AttributeError) as exc:
+            _uniform_failure = str(exc)
+            warnings.warn(f"quantization uniforms on the CPU run in PyTorch ({_uniform_failure})", RuntimeWarning,
+                          stacklevel=3)
+    return _uniform_library
+
+
+def uniform24_rows(rows: int, width: int, first_row: int, full_width: int, col_offset: int, step: int, stream: int,
+                   key: SRKey, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uniform24_at for a [rows, width] view whose element (r, c) is at index (first_row + r) * full_width +
+    col_offset + c of the unsharded tensor. On the CPU a C++ library computes it (numerics/csrc/, the same
+    bits); elsewhere, or without a compiler, the tensor ops of uniform24_at."""
+    device = torch.device(device)
+    lib = _uniform_cpu() if device.type == "cpu" and rows * width > 0 else None
+    if lib is not None:
+        out = torch.empty(rows, width, dtype=torch.float32)
+        lib.quant_uniform24_rows(out.data_ptr(), rows, width, first_row, full_width, col_offset, int(step) & MASK32,
+                                 int(stream) & MASK32, key.k0, key.k1, torch.get_num_threads())
+        return out
+    r = torch.arange(rows, dtype=torch.int64, device=device) + first_row
+    c = torch.arange(width, dtype=torch.int64, device=device) + col_offset
+    return uniform24_at(r.unsqueeze(1) * full_width + c, step, stream, key)

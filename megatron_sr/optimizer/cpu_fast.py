@@ -1,10 +1,7 @@
 """The SR AdamW step on the CPU: a small C++ library (csrc/sr_adamw_cpu.cpp), bitwise equal to the reference.
 
-Built once per (source, compiler, CPU) with the system C++ compiler into
-~/.cache/megatron_sr/cpu-<hash>/ (override with MEGATRON_SR_EXT_DIR; the compiler is $CXX, else c++ or
-g++) and loaded with ctypes: it has no torch headers, so the build takes a second or two and survives
-torch upgrades. The build writes to a temporary name and renames it in, so processes that build at the
-same time (tests, torchrun ranks) never load a half-written library.
+Built and loaded by numerics/native.py (once per source, compiler and CPU, into ~/.cache/megatron_sr/,
+atomically), with the Philox tile it shares with the quantization points' library (numerics/csrc/philox_cpu.h).
 
 Flags are part of the contract (see the source's header): -O3 -march=native with -ffp-contract=off and
 without fast math, so every FP32 operation is rounded once, as the reference's tensor ops are.
@@ -15,18 +12,15 @@ the eager reference and warns once. MEGATRON_SR_CPU_FAST=0 turns it off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..numerics import native
+from ..numerics.native import NativeUnavailable as CpuFastUnavailable
+from ..numerics.native import compiler  # noqa: F401  (part of this module's interface: tests, tools)
 from ..numerics.philox import MASK32, SRKey
 from .adamw_reference import AdamWConstants, sqrt_rn
 
@@ -34,16 +28,13 @@ if TYPE_CHECKING:
     from .chunks import AdamWChunk
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sr_adamw_cpu.cpp"
+HEADERS = (Path(native.__file__).resolve().parent / "csrc" / "philox_cpu.h",)  # the shared Philox tile
 ABI_VERSION = 2
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno",
               "-fno-trapping-math")
 ARCH_FLAGS = ("-march=native",)  # dropped when the compiler refuses it (the build is retried without)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK = struct.Struct("<QQQQqqdq")  # SrCpuChunk: 4 pointers, numel, base_index, weight_decay, dtype bits
-
-
-class CpuFastUnavailable(RuntimeError):
-    """The CPU library cannot be used in this process; the message says why."""
 
 
 class UnsupportedChunks(ValueError):
@@ -63,67 +54,12 @@ _nan_bits: tuple[int, int] | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get("MEGATRON_SR_CPU_FAST", "1") != "0"
-
-
-def compiler() -> str | None:
-    """The C++ compiler to build with: $CXX, else c++ or g++ on the PATH (None: there is none)."""
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
-    return shutil.which("c++") or shutil.which("g++")
-
-
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    keep = ("model name", "flags", "features", "cpu part", "cpu implementer")
-    seen: dict[str, str] = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name in keep and name not in seen:
-            seen[name] = value.strip()
-    return f"{platform.machine()} {sorted(seen.items())}"
+    return native.enabled()
 
 
 def build_directory(cxx: str) -> Path:
-    """~/.cache/megatron_sr/cpu-<hash of source, flags, compiler version and CPU>."""
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise CpuFastUnavailable(f"the C++ compiler {cxx} does not run: {exc}") from exc
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr((BASE_FLAGS, ARCH_FLAGS)).encode(), version.encode(),
-                 _cpu_identity().encode()):
-        digest.update(part)
-    root = os.environ.get("MEGATRON_SR_EXT_DIR") or Path.home() / ".cache" / "megatron_sr"
-    return Path(root) / f"cpu-{digest.hexdigest()[:16]}"
-
-
-def _compile(cxx: str, target: Path) -> None:
-    """Build into a temporary file next to `target`, then rename it in (atomic for concurrent builders)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for arch in (ARCH_FLAGS, ()):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [cxx, *BASE_FLAGS, *arch, str(SOURCE), "-o", tmp]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode == 0:
-                os.replace(tmp, target)
-                return
-            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
-        except (OSError, subprocess.SubprocessError) as exc:
-            errors.append(f"{' '.join(cmd)}: {exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise CpuFastUnavailable("building the CPU SR AdamW library failed: " + " | ".join(errors))
+    """~/.cache/megatron_sr/cpu-<hash of the sources, flags, compiler version and CPU> (numerics/native.py)."""
+    return native.build_directory(cxx, (SOURCE, *HEADERS), (BASE_FLAGS, ARCH_FLAGS))
 
 
 def load_library() -> ctypes.CDLL:
@@ -145,16 +81,10 @@ def load_library() -> ctypes.CDLL:
 
 
 def _load() -> ctypes.CDLL:
-    cxx = compiler()
-    if cxx is None:
-        raise CpuFastUnavailable("no C++ compiler found (set CXX, or install g++)")
-    target = build_directory(cxx) / "libsr_adamw_cpu.so"
-    if not target.is_file():
-        _compile(cxx, target)
-    lib = ctypes.CDLL(str(target))
+    lib = native.load_library("sr_adamw_cpu", SOURCE, HEADERS, BASE_FLAGS, ARCH_FLAGS, "CPU SR AdamW library")
     lib.sr_adamw_cpu_abi.restype = ctypes.c_int32
     if lib.sr_adamw_cpu_abi() != ABI_VERSION:
-        raise CpuFastUnavailable(f"{target} has ABI {lib.sr_adamw_cpu_abi()}, expected {ABI_VERSION}")
+        raise CpuFastUnavailable(f"{lib._name} has ABI {lib.sr_adamw_cpu_abi()}, expected {ABI_VERSION}")
     lib.sr_adamw_cpu_step.restype = None
     lib.sr_adamw_cpu_step.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(_Step), ctypes.c_int32]
     return lib

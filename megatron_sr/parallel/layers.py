@@ -9,6 +9,8 @@ Contract shared by the model and the parallel code:
   which the gradient norm, SR random keys and checkpoint conversion read.
 - Activations are [batch, seq, hidden] (the sequence dimension is `parallel_state.get_sequence_dim()`).
 With a tensor-parallel size of 1 these are plain layers and communicate nothing.
+- The two linear layers take an optional `quant` scheme: the six quantization points of simulated low-bit
+  training (quantized_linear.py). Without one, or with every point off, they run plain F.linear.
 
 Tensor parallelism (Megatron's): a column-parallel linear takes the full input and produces its slice
 of the output features; the following row-parallel linear takes that slice and all-reduces the partial
@@ -40,6 +42,7 @@ from .mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from .partition import partition
+from .quantized_linear import LinearQuant, QuantScheme, quantized_linear
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -93,12 +96,15 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split along its output dimension (each rank computes its slice of y)."""
 
     def __init__(self, input_size: int, output_size: int, *, init_method: InitMethod, bias: bool = True,
-                 gather_output: bool = False, dtype: torch.dtype = torch.float32):
+                 gather_output: bool = False, dtype: torch.dtype = torch.float32,
+                 quant: QuantScheme | None = None, quant_id: int = 0):
         super().__init__()
         self.gather_output = gather_output
         self.weight = _make_weight((output_size, input_size), 0, init_method, dtype)
         tp = ps.get_tensor_model_parallel_world_size()
         self.bias = mark_parallel(nn.Parameter(torch.zeros(output_size // tp, dtype=dtype)), 0) if bias else None
+        self.quant = (LinearQuant(quant, quant_id, parallel="column", in_features=input_size,
+                                  out_features=output_size // tp) if quant is not None and quant.enabled else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _sequence_parallel():
@@ -107,7 +113,10 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, ps.get_sequence_dim())
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight, self.bias)
+        if self.quant is not None:
+            y = quantized_linear(x, self.weight, self.bias, self.quant)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
@@ -115,16 +124,23 @@ class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split along its input dimension; partial products summed over tp, bias replicated."""
 
     def __init__(self, input_size: int, output_size: int, *, init_method: InitMethod, bias: bool = True,
-                 input_is_parallel: bool = True, dtype: torch.dtype = torch.float32):
+                 input_is_parallel: bool = True, dtype: torch.dtype = torch.float32,
+                 quant: QuantScheme | None = None, quant_id: int = 0):
         super().__init__()
         self.input_is_parallel = input_is_parallel
         self.weight = _make_weight((output_size, input_size), 1, init_method, dtype)
         self.bias = mark_parallel(nn.Parameter(torch.zeros(output_size, dtype=dtype)), -1) if bias else None
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.quant = (LinearQuant(quant, quant_id, parallel="row", in_features=input_size // tp,
+                                  out_features=output_size) if quant is not None and quant.enabled else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        partial = F.linear(x, self.weight)
+        if self.quant is not None:
+            partial = quantized_linear(x, self.weight, None, self.quant)
+        else:
+            partial = F.linear(x, self.weight)
         if _sequence_parallel():
             y = reduce_scatter_to_sequence_parallel_region(partial, ps.get_sequence_dim())
         else:

@@ -19,9 +19,11 @@ from torch import nn
 
 from ..config import Config
 from ..parallel import parallel_state as ps
+from ..parallel.quantized_linear import set_quant_position
 from ..pipeline import get_forward_backward_func
 
-ForwardBackward = Callable[[list[nn.Module], object, int, bool], list[dict]]
+# (model_chunks, data_iterator, num_microbatches, forward_only, *, step, batch_in_step) -> the micro-batches' losses
+ForwardBackward = Callable[..., list[dict]]
 
 
 def get_batch(data_iterator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -79,10 +81,21 @@ def make_forward_backward(cfg: Config, model: nn.Module, device: torch.device,
     positions = torch.arange(cfg.model.seq_length, device=device)
     tokens_per_microbatch = cfg.training.micro_batch_size * cfg.model.seq_length  # per dp rank
 
-    def forward_backward(model_chunks, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    micro, dp, dp_rank = cfg.training.micro_batch_size, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    def forward_backward(model_chunks, data_iterator, num_microbatches: int, forward_only: bool, *, step: int = 0,
+                         batch_in_step: int = 0) -> list[dict]:
+        """step: the iteration, for the quantization points' random stream; batch_in_step: which global batch of
+        the step this is (evaluation runs --eval-iters of them at one iteration)."""
         stats: list[dict] = []
+        sample_base = batch_in_step * num_microbatches * micro * dp
+        drawn = [0]  # micro-batches drawn so far: each stage draws them in order
 
         def forward_step(it, stage):
+            # this micro-batch's first sample in the global batch: micro-batch j of dp rank r holds samples
+            # (j * dp + r) * micro .. (the sampler's order), whatever the layout
+            set_quant_position(step, sample_base + (drawn[0] * dp + dp_rank) * micro, training=not forward_only)
+            drawn[0] += 1
             batch = get_batch(it, device)
             position_ids = positions.expand(batch["tokens"].shape[0], -1)
             tokens = batch["tokens"] if stage.pre_process else None

@@ -69,13 +69,14 @@ class LoopResult:
 
 
 def evaluate(model_chunks: list[nn.Module], forward_backward_func, data_iterator, eval_iters: int,
-             num_microbatches: int) -> float:
+             num_microbatches: int, iteration: int = 0) -> float:
     for m in model_chunks:
         m.eval()
     losses = []
     with torch.no_grad():
-        for _ in range(eval_iters):
-            losses.extend(forward_backward_func(model_chunks, data_iterator, num_microbatches, True))
+        for k in range(eval_iters):
+            losses.extend(forward_backward_func(model_chunks, data_iterator, num_microbatches, True, step=iteration,
+                                                batch_in_step=k))
     for m in model_chunks:
         m.train()
     return average_losses(losses)
@@ -258,7 +259,8 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
             optimizer.zero_grad()
             fb_timer.start(barrier=t.barrier_with_level_1_timing)
             losses = forward_backward_func(model_chunks, train_iterator,
-                                           trainer.num_microbatches_at(state.consumed_train_samples), False)
+                                           trainer.num_microbatches_at(state.consumed_train_samples), False,
+                                           step=state.iteration + 1)
             fb_timer.stop()
             observer.on_gradients(state.iteration + 1, trainer)
             reported = records.reports(state.iteration + 1)
@@ -304,7 +306,8 @@ def train(trainer, train_iterator: Iterator, valid_iterator: Iterator | None, st
                 records.window, iters_in_window = [], 0
                 timer = time.perf_counter()
             if valid_iterator is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
-                vloss = evaluate(model_chunks, forward_backward_func, valid_iterator, t.eval_iters, num_microbatches)
+                vloss = evaluate(model_chunks, forward_backward_func, valid_iterator, t.eval_iters, num_microbatches,
+                                 state.iteration)
                 valid_losses.append((state.iteration, vloss))
                 log_validation(observer, "validation", state.iteration, vloss, writer,
                                t.log_validation_ppl_to_tensorboard, state.consumed_train_samples)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..checkpoint import TrainState, saved_config
 from ..checkpoint.layout import describe, recover_directory
 from ..config import Config, apply_checkpoint_args, resume_differences
+from ..model.transformer import quant_scheme
 from .iterators import build_iterators
 from .loggers import ScalarWriter, build_writer
 from .loop import LoopResult, evaluate, log_validation, save, train
@@ -119,6 +120,9 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
             observer.log(f" loaded checkpoint from {cfg.training.load} at iteration {state.iteration}")
     n_params = sum(p.numel() for m in trainer.model_chunks for p in m.parameters())
     observer.log(f" > {n_params / 1e6:.2f}M parameters, precision {cfg.optimizer.precision}, device {trainer.device}")
+    scheme = quant_scheme(cfg.model, cfg.training.seed)
+    if scheme is not None:
+        observer.log(f" > quantization points of the linear layers: {scheme.describe()}")
     if cfg.training.load and state.iteration == 0 and cfg.training.finetune:
         observer.log(" --finetune: the weights only; iteration, optimizer and random generators start afresh")
     train_it, valid_it, _ = build_iterators(cfg, state.consumed_train_samples)
@@ -135,7 +139,7 @@ def pretrain(cfg: Config, observer: Observer | None = None) -> LoopResult:
     if result.reason in ("done", "exit-duration"):
         if valid_it is not None and (not result.valid_losses or result.valid_losses[-1][0] != state.iteration):
             vloss = evaluate(trainer.model_chunks, trainer.forward_backward, valid_it, t.eval_iters,
-                             trainer.num_microbatches)
+                             trainer.num_microbatches, state.iteration)
             result.valid_losses.append((state.iteration, vloss))
             log_validation(observer, "validation", state.iteration, vloss, writer,
                            t.log_validation_ppl_to_tensorboard, state.consumed_train_samples)
