@@ -21,6 +21,11 @@ def test_dry_run_runs_or_explains_every_section(tmp_path):
     status = {s["name"]: s["result"] for s in data["sections"]}
     assert list(status)[:5] == ["build", "gpu-tests", "memcheck", "optimizer", "training"]
     assert status["gpu-tests"]["status"] == "ok" and status["training"]["status"] == "ok"
+    assert status["study:precision"]["status"] == "ok" and status["study:quant-cost"]["status"] == "ok"
+    corpus = json.loads((tmp_path / "precision_gpu_dry_run" / "corpus.json").read_text())
+    assert corpus["files"] > 0 and corpus["tokens"] > corpus["tokens_per_run"] > 0
+    assert (tmp_path / "precision_gpu_dry_run" / "results.md").is_file()
+    assert (tmp_path / "quant_cost_dry_run.md").is_file()
     assert all(r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]) for r in status.values())
     assert {e["mode"] for e in data["estimator_error"]} == {"bf16-sr", "bf16-sr-bf16-states", "bf16-mp", "bf16"}
     meta = data["meta"]

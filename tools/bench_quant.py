@@ -43,6 +43,11 @@ SCHEMES = {
 }
 
 
+# --tiny: the suite's dry run (seconds per scheme), not a measurement
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2", "--seq-length", "32",
+        "--max-position-embeddings", "32", "--micro-batch-size", "2", "--vocab-size", "256"]
+
+
 def child(argv: list[str], warmup: int, iters: int) -> dict:
     from megatron_sr.config import parse_config
     from megatron_sr.training.observer import Observer
@@ -71,6 +76,8 @@ def child(argv: list[str], warmup: int, iters: int) -> dict:
 def base_argv(args) -> list[str]:
     common = ["--mock-data", "--eval-iters", "0", "--log-interval", "1000000", "--precision", args.precision,
               "--device", args.device, "--hidden-dropout", "0", "--attention-dropout", "0"]
+    if args.tiny:
+        return TINY + common
     return (["--config", args.config] if args.config else shape_flags()) + common
 
 
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="a YAML model config (default: bench_cpu.py's shape)")
     p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-64 GPT: a smoke run, not a measurement")
     p.add_argument("--precision", default="bf16-sr")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--iters", type=int, default=10)
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = [r["ms"] for r in rs if "error" not in r]
         results[name] = ({"ms": statistics.median(ok), "rounds": [round(v, 1) for v in ok],
                           "load": [r["load"] for r in rs if "load" in r]} if ok else {"error": rs[-1]["error"]})
+    model = "tiny (smoke run)" if args.tiny else args.config or str(SHAPE)
     m = machine()
     if args.device == "cuda":
         import torch
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         m["cpu"] = f"{torch.cuda.get_device_name()} (host {m['cpu']})"
     data = {"meta": {"machine": f"{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}",
                      "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                     "command": "python3 tools/bench_quant.py " + " ".join(argv), "model": args.config or str(SHAPE),
+                     "command": "python3 tools/bench_quant.py " + " ".join(argv), "model": model,
                      "precision": args.precision, "device": args.device, "warmup": args.warmup, "iters": args.iters,
                      "rounds": args.rounds, "schemes": {n: SCHEMES[n] for n in names}},
             "results": results}

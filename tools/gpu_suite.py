@@ -10,7 +10,8 @@ Sections, most important first (issue 12); each gets what is left of the budget 
   2. memcheck       `compute-sanitizer --tool memcheck` on `tools/gpu_kernel_check.py sanitize` (plan cache on)
   3. optimizer      copy bandwidth and the optimizer-step table, 350M and 1.3B (`tools/bench_optimizer.py`)
   4. training       `tools/bench_training.py --suite gpu`, then the memory estimator's error on every run
-  5. studies        the precision study's GPU run and the low-bit quantizer's cost (when those tools exist)
+  5. studies        the precision study's GPU run (`tools/precision_study_gpu.py`) and the quantization points'
+                    step-time cost (`tools/bench_quant.py` on the examples' 125M config)
 
 Each section records its command, exit code, wall time and output tail; the run records the commit, the
 GPU, torch and CUDA. Results are written after every section (bench/results/gpu_suite_<date>.json and
@@ -72,10 +73,17 @@ def sections(dry_run: bool, out_dir: Path) -> list[Section]:
                 [PY, "tools/bench_training.py", "--suite", "gpu" if cuda else "cpu", "--output",
                  str(out_dir / ("training_gpu" if cuda else "training_cpu"))]),
     ]
-    for tool, label in (("compare_precisions.py", "the precision study"), ("bench_lowbit.py", "low-bit SR")):
-        exists = (REPO / "tools" / tool).is_file()
-        reason = "not wired into the suite yet" if exists else f"tools/{tool} does not exist yet"
-        out.append(Section(f"study:{tool}", label, None, skipped=reason))
+    device = ["--device", "cuda"] if cuda else ["--tiny", "--iters", "2", "--warmup", "1", "--schemes", "none,fp8-sr"]
+    out += [
+        Section("study:precision", "the precision study on GPT-2 124M, seq 1024, a corpus built on the machine",
+                [PY, "tools/precision_study_gpu.py", "--output", str(out_dir / ("precision_gpu" if cuda else
+                                                                                 "precision_gpu_dry_run"))]
+                + ([] if cuda else ["--dry-run", "--work-dir", str(out_dir / "precision_gpu_dry_run_work")])),
+        Section("study:quant-cost", "step-time cost of the low-bit quantization points per scheme",
+                [PY, "tools/bench_quant.py", "--rounds", "1", "--output",
+                 str(out_dir / ("quant_cost_gpu" if cuda else "quant_cost_dry_run"))]
+                + (["--config", "examples/gpt_125m.yaml", "--iters", "20"] if cuda else []) + device),
+    ]
     return out
 
 
