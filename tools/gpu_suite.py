@@ -14,7 +14,8 @@ Sections, most important first (issue 12); each gets what is left of the budget 
                     step-time cost (`tools/bench_quant.py` on the examples' 125M config)
 
 Each section records its command, exit code, wall time and output tail; the run records the commit, the
-GPU, torch and CUDA. Results are written after every section (bench/results/gpu_suite_<date>.json and
+GPU, torch and CUDA. Afterwards `python3 tools/readme_results.py` rewrites the README's Results section from
+the new files (commit both). Results are written after every section (bench/results/gpu_suite_<date>.json and
 .md), so a run cut off by the lease keeps what it finished. The first call on a fresh machine also
 JIT-builds the CUDA extension once (`gpu_kernel_check.py build`) so no section pays for it twice.
 """
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         write(secs, meta, out, errors)
         print(f"{sec.name:24s} {sec.result.get('status'):8s} {sec.result.get('wall_s', '')!s:>6} "
               f"{sec.result.get('reason', '')}", flush=True)
-    print(f"results: {out.with_suffix('.md')}")
+    print(f"results: {out.with_suffix('.md')}" + ("" if args.dry_run else
+          "; then regenerate the README's Results section: python3 tools/readme_results.py"))
     return 0 if all(s.result.get("status") in ("ok", "skipped") for s in secs) else 1
 
 
