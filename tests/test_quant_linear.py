@@ -203,3 +203,21 @@ def test_without_the_library_the_tensor_path_runs_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="MEGATRON_SR_CPU_FAST=0"):
         slow = philox.uniform24_rows(4, 9, 1, 9, 0, 2, STREAM_QUANT, key)
     assert torch.equal(slow, uniform24_at(torch.arange(9, 45).view(4, 9), 2, STREAM_QUANT, key))
+
+
+@pytest.mark.parametrize("spec, dtype, exact", [
+    ("fp:e4m3:sr", torch.bfloat16, True), ("fp:e8m7:rn", torch.bfloat16, True), ("fp:e5m2:rn", torch.float16, True),
+    ("fixed:w9f3:sr", torch.bfloat16, True), ("bfp:m8:b4:sr", torch.bfloat16, True),
+    ("fp:e5m10:rn", torch.bfloat16, False), ("fixed:w12f3:rn", torch.bfloat16, False),
+    ("int:b4:row:sr", torch.bfloat16, False)])
+def test_operands_stay_in_the_layer_dtype_exactly_when_the_format_fits(spec, dtype, exact):
+    from megatron_sr.parallel.quantized_linear import exact_in
+
+    fmt = parse_format(spec)
+    assert exact_in(fmt, dtype) == exact
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen) * torch.logspace(-6, 3, 16)
+    u = torch.randint(0, 2**24, x.shape, generator=gen) * 2.0**-24
+    q = quantize(x, fmt, u if fmt.stochastic else None)
+    if exact:  # every value of the format survives the cast
+        assert torch.equal(q.to(dtype).float(), q)

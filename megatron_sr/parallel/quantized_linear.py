@@ -8,8 +8,11 @@ Each point is off or a format with a rounding (megatron_sr/numerics/quant.py, e.
 point quantizes the layer's own full-precision tensor (x and W as saved for backward, g as it arrives), so
 the backward points are independent of the forward ones. Gradients are straight-through: the quantizers
 have no derivative of their own, the products above are the gradients. The bias gradient is the sum of the
-unquantized g. The quantized operands are FP32 values of the format and the products are FP32 GEMMs (a
-low-bit tensor core's exact products and FP32 accumulation), rounded to the layer's dtype once. A layer with
+unquantized g. A quantized operand is held in the layer's dtype when the format's values are exact in it (FP8,
+FP6, FP4, fixed point up to 9 bits, bfp up to 8 magnitude bits in BF16), else in FP32 (the int formats' FP32
+scales); a GEMM runs in the layer's dtype on an accelerator when both operands are in it (exact products, FP32
+accumulation: a low-bit tensor core's arithmetic), otherwise, and always on the CPU, in FP32 from the same
+values, and its result is rounded to the layer's dtype once. A layer with
 every point off never enters this module: it is bitwise the unquantized layer.
 
 Random bits of stochastic points (numerics/philox.py `uniform24_at`; on the CPU a C++ library gives the same
@@ -150,10 +153,11 @@ class LinearQuant:
                               stream, SRKey.from_seed(self.scheme.seed), t2d.device)
 
     def apply(self, name: str, t: torch.Tensor, pos: QuantPosition) -> torch.Tensor:
-        """t quantized at point `name` as FP32 (t.float() when the point is off)."""
+        """t quantized at point `name`: in t's dtype when every value of the format is exact in it, else FP32
+        (t itself when the point is off)."""
         fmt = self.point(name)
         if fmt is None:
-            return t.float()
+            return t
         kind = POINT_TENSOR[name]
         t2d = t.reshape(-1, t.shape[-1])
         rows_per_sample = t2d.shape[0] // t.shape[0] if t.dim() > 2 else 1
@@ -165,15 +169,36 @@ class LinearQuant:
             whole = rows_split = self.places[kind].split_last
         q = quantize(t2d, fmt, uniform, tensor_max=_tp_max if whole else None,
                      row_max=_tp_max if rows_split else None)
-        return q.view(t.shape)
+        return q.view(t.shape).to(t.dtype) if exact_in(fmt, t.dtype) else q.view(t.shape)
+
+
+def exact_in(fmt: QuantFormat, dtype: torch.dtype) -> bool:
+    """Whether every value of the format is a value of dtype (then the cast after quantize is exact)."""
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:  # 8 significant bits, FP32's exponent range
+        return ((fmt.kind == "fp" and fmt.mantissa_bits <= 7) or (fmt.kind == "fixed" and fmt.word_bits <= 9)
+                or (fmt.kind == "bfp" and fmt.mantissa_bits <= 8))
+    if dtype == torch.float16:  # 11 significant bits, exponents -24 (subnormal) to 15
+        return fmt.kind == "fp" and fmt.exponent_bits <= 5 and fmt.mantissa_bits <= 10
+    return False  # int formats (an FP32 scale) and anything else stay FP32
+
+
+def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM's operands in one dtype: the layer's own on an accelerator when both are in it (a low-bit value
+    is exact there, the GEMM accumulates in FP32); FP32 otherwise, and always on the CPU (whose BF16 GEMMs are
+    emulated and slow; the products are the same, each operand being exact)."""
+    if a.dtype == b.dtype and (a.dtype == torch.float32 or a.device.type != "cpu"):
+        return a, b
+    return a.float(), b.float()
 
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lq: LinearQuant,
                 pos: QuantPosition) -> torch.Tensor:
-        xq, wq = lq.apply("fwd_input", x, pos), lq.apply("fwd_weight", weight, pos)
-        out = F.linear(xq, wq, bias.float() if bias is not None else None).to(x.dtype)
+        xq, wq = _operands(lq.apply("fwd_input", x, pos), lq.apply("fwd_weight", weight, pos))
+        out = F.linear(xq, wq, bias.to(xq.dtype) if bias is not None else None).to(x.dtype)
         ctx.save_for_backward(x, weight)
         ctx.lq, ctx.pos, ctx.has_bias, ctx.bias_dtype = lq, pos, bias is not None, getattr(bias, "dtype", None)
         return out
@@ -185,12 +210,11 @@ class _QuantizedLinear(torch.autograd.Function):
         lq, pos = ctx.lq, ctx.pos
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            g, w = lq.apply("bwd_grad_dgrad", grad, pos), lq.apply("bwd_weight", weight, pos)
+            g, w = _operands(lq.apply("bwd_grad_dgrad", grad, pos), lq.apply("bwd_weight", weight, pos))
             grad_x = g.matmul(w).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            g = lq.apply("bwd_grad_wgrad", grad, pos).reshape(-1, grad.shape[-1])
-            xb = lq.apply("bwd_input", x, pos).reshape(-1, x.shape[-1])
-            grad_w = g.t().mm(xb).to(weight.dtype)
+            g, xb = _operands(lq.apply("bwd_grad_wgrad", grad, pos), lq.apply("bwd_input", x, pos))
+            grad_w = g.reshape(-1, grad.shape[-1]).t().mm(xb.reshape(-1, x.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
