@@ -297,11 +297,13 @@ def test_real_wandb_offline(monkeypatch, tmp_path):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture: under pytest's own capture it lost the history
     argv = TINY + ["--train-iters", "2", "--log-interval", "1", "--eval-interval", "0",
                    "--wandb-project", "proj", "--wandb-exp-name", "offline1", "--save", str(tmp_path / "ck")]
     result = pretrain(parse_config(argv), Recorder())
     (run_file,) = glob.glob(str(tmp_path / "ck" / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     history = _wandb_history(run_file)
+    assert "lm loss" in history, sorted(history)
     assert [s for s, _ in history["lm loss"]] == [1, 2]
     assert [v for _, v in history["lm loss"]] == pytest.approx(result.train_losses, rel=1e-6)
 
