@@ -357,6 +357,7 @@ def study(argv: list[str] | None = None) -> int:
     settings = base_settings(base)
     out = Path(args.output)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
+    out.mkdir(parents=True, exist_ok=True)  # --runs-dir elsewhere leaves OUTPUT uncreated until results.json
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = [Run(mode, mult, seed) for mult in args.lr_multipliers for mode in args.modes for seed in args.seeds]
     commands = {run: run_command(run, base, settings, args, runs_dir / run.name) for run in runs}
