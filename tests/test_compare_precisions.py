@@ -159,3 +159,20 @@ def test_the_distributed_optimizer_counts_each_element_once(tmp_path):
     single = scalars_of(one)["update-stall-fraction"][1]
     values = run_ranks(2, _stall_on_ranks, argv + ["--use-distributed-optimizer"], str(tmp_path / "two"))
     assert values[1] == pytest.approx(single, abs=2e-3)  # the same updates up to the grads' summation order
+
+
+def test_paired_gaps_are_the_per_seed_differences():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import compare_precisions as cp
+
+    def run(mode, seed, loss, status="ok"):
+        return {"mode": mode, "lr_multiplier": 1.0, "seed": seed, "final_valid_loss": loss, "status": status}
+
+    results = [run("bf16-mp", 1, 4.0), run("bf16-mp", 2, 4.5), run("bf16-mp", 3, 3.5),
+               run("bf16", 1, 4.1), run("bf16", 2, 4.7), run("bf16", 3, 0.0, "diverged"),
+               run("bf16-sr", 1, 3.9), run("bf16-sr", 2, 4.6)]
+    gaps = cp.paired_gaps(results, ["bf16-sr", "bf16-mp", "bf16"], [1.0])
+    assert gaps[("bf16", 1.0)]["diffs"] == pytest.approx([0.1, 0.2])  # seed 3 diverged: not paired
+    assert gaps[("bf16", 1.0)]["same_sign"] and gaps[("bf16", 1.0)]["mean"] == pytest.approx(0.15)
+    assert gaps[("bf16-sr", 1.0)]["diffs"] == pytest.approx([-0.1, 0.1]) and not gaps[("bf16-sr", 1.0)]["same_sign"]
+    assert ("bf16-mp", 1.0) not in gaps

@@ -195,6 +195,23 @@ def summarize(results: list[dict], modes: list[str], multipliers: list[float]) -
     return {"cells": cells, "best": best}
 
 
+def paired_gaps(results: list[dict], modes: list[str], multipliers: list[float]) -> dict:
+    """Per (mode, lr multiplier): the seed-by-seed differences of the final validation loss to REFERENCE at the
+    same lr. A seed fixes the init, the data order and the validation samples, so the spread over seeds of a
+    loss is mostly shared by the modes; the paired differences take that shared part out."""
+    final = {(r["mode"], r["lr_multiplier"], r["seed"]): r["final_valid_loss"] for r in results if r["status"] == "ok"}
+    out = {}
+    for mode in (m for m in modes if m != REFERENCE):
+        for mult in multipliers:
+            diffs = [final[(mode, mult, s)] - final[(REFERENCE, mult, s)] for (m, k, s) in final
+                     if m == mode and k == mult and (REFERENCE, mult, s) in final]
+            if diffs:
+                mean, std = mean_std(diffs)
+                out[(mode, mult)] = {"diffs": diffs, "mean": mean, "std": std,
+                                     "same_sign": all(d < 0 for d in diffs) or all(d > 0 for d in diffs)}
+    return out
+
+
 def fmt(mean: float, std: float) -> str:
     return f"{mean:.4f}" + (f" ± {std:.4f}" if math.isfinite(std) else "")
 
@@ -241,6 +258,21 @@ def markdown(summary: dict, results: list[dict], modes: list[str], multipliers: 
     lines += ["", f"The gap is each mode's best mean minus {REFERENCE}'s best mean (negative: lower loss). The "
               "update stall is the fraction of weight updates (elements with a nonzero gradient) that left the "
               "stored weight unchanged, averaged over the last quarter of training.", ""]
+    paired = paired_gaps(results, modes, multipliers)
+    if paired:
+        lines += [f"Gap to {REFERENCE} at the same lr, paired by seed (mean ± std of the per-seed differences; "
+                  "n = seeds where both trained through; * = the same sign on every seed):", "",
+                  "| mode | " + " | ".join(f"lr {m:g}x" for m in multipliers) + " |",
+                  "|---|" + "---|" * len(multipliers)]
+        for mode in (m for m in modes if m != REFERENCE):
+            row = []
+            for mult in multipliers:
+                g = paired.get((mode, mult))
+                row.append("—" if g is None else f"{g['mean']:+.4f}" + (f" ± {g['std']:.4f}" if math.isfinite(g["std"])
+                                                                         else "")
+                           + f" (n={len(g['diffs'])}){' *' if g['same_sign'] and len(g['diffs']) > 1 else ''}")
+            lines.append(f"| {mode} | " + " | ".join(row) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -393,7 +425,10 @@ def study(argv: list[str] | None = None) -> int:
             "label": "pilot" if "pilot" in out.name else None, "base": settings}
     best = {mode: mult for mode, mult in summary["best"].items()}
     cells = [{"mode": mode, "lr_multiplier": mult, **cell} for (mode, mult), cell in summary["cells"].items()]
-    payload = finite_or_none({**meta, "best_lr_multiplier": best, "cells": cells, "runs": results})
+    paired = [{"mode": mode, "lr_multiplier": mult, **gap}
+              for (mode, mult), gap in paired_gaps(results, args.modes, args.lr_multipliers).items()]
+    payload = finite_or_none({**meta, "best_lr_multiplier": best, "cells": cells, "paired_gaps_to_reference": paired,
+                              "runs": results})
     write_atomically(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
     write_atomically(out / "results.md", markdown(summary, results, args.modes, args.lr_multipliers, meta))
     images = plots(results, summary, args.modes, args.lr_multipliers, out)
