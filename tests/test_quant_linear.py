@@ -203,6 +203,9 @@ def test_without_the_library_the_tensor_path_runs_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="MEGATRON_SR_CPU_FAST=0"):
         slow = philox.uniform24_rows(4, 9, 1, 9, 0, 2, STREAM_QUANT, key)
     assert torch.equal(slow, uniform24_at(torch.arange(9, 45).view(4, 9), 2, STREAM_QUANT, key))
+    aligned = philox.uniform24_rows(3, 8, 2, 16, 4, 2, STREAM_QUANT, key)  # runs of 4 known from the shape
+    index = (torch.arange(3) + 2).unsqueeze(1) * 16 + 4 + torch.arange(8)
+    assert torch.equal(aligned, uniform24_at(index, 2, STREAM_QUANT, key))
 
 
 @pytest.mark.parametrize("spec, dtype, exact", [

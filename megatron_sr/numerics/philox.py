@@ -103,6 +103,25 @@ def random_bits16(
     return halves[start : start + numel]
 
 
+def _group_words(group: torch.Tensor, step: int, stream: int, key: SRKey) -> torch.Tensor:
+    """[groups, 4] Philox words of the given group counters."""
+    return torch.stack(philox4x32(group & MASK32, group >> 32, int(step) & MASK32, int(stream), key), dim=1)
+
+
+def _to_uniform(words: torch.Tensor) -> torch.Tensor:
+    return (words.reshape(-1) >> 8).to(torch.float32) * 2.0**-24
+
+
+def _uniform_of_runs(starts: torch.Tensor, step: int, stream: int, key: SRKey) -> torch.Tensor:
+    """Flat uniforms of the aligned runs of 4 indices starting at `starts` (each a multiple of 4): one group each."""
+    return _to_uniform(_group_words(starts >> 2, step, stream, key))
+
+
+def _uniform_of_each(flat: torch.Tensor, step: int, stream: int, key: SRKey) -> torch.Tensor:
+    """Flat uniforms of any indices: one Philox call per element."""
+    return _to_uniform(_group_words(flat >> 2, step, stream, key).gather(1, (flat & 3).unsqueeze(1)))
+
+
 def uniform24_at(index: torch.Tensor, step: int, stream: int, key: SRKey) -> torch.Tensor:
     """A uniform FP32 value k * 2^-24 (k in [0, 2^24)) per element index of an int64 tensor, same shape.
 
@@ -116,13 +135,8 @@ def uniform24_at(index: torch.Tensor, step: int, stream: int, key: SRKey) -> tor
     runs = flat.view(-1, WORDS_PER_CALL) if flat.numel() % WORDS_PER_CALL == 0 else None
     lanes = torch.arange(WORDS_PER_CALL, dtype=torch.int64, device=index.device)
     if runs is not None and bool(((runs - runs[:, :1]) == lanes).all() and (runs[:, 0] % WORDS_PER_CALL == 0).all()):
-        group = runs[:, 0] >> 2
-        words = torch.stack(philox4x32(group & MASK32, group >> 32, int(step) & MASK32, int(stream), key), dim=1)
-    else:
-        group = flat >> 2
-        every = torch.stack(philox4x32(group & MASK32, group >> 32, int(step) & MASK32, int(stream), key), dim=1)
-        words = every.gather(1, (flat & 3).unsqueeze(1))
-    return ((words.reshape(-1) >> 8).to(torch.float32) * 2.0**-24).view(index.shape)
+        return _uniform_of_runs(runs[:, 0], step, stream, key).view(index.shape)
+    return _uniform_of_each(flat, step, stream, key).view(index.shape)
 
 
 _UNIFORM_SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_uniform_cpu.cpp"
@@ -164,6 +178,10 @@ def uniform24_rows(rows: int, width: int, first_row: int, full_width: int, col_o
         lib.quant_uniform24_rows(out.data_ptr(), rows, width, first_row, full_width, col_offset, int(step) & MASK32,
                                  int(stream) & MASK32, key.k0, key.k1, torch.get_num_threads())
         return out
-    r = torch.arange(rows, dtype=torch.int64, device=device) + first_row
-    c = torch.arange(width, dtype=torch.int64, device=device) + col_offset
-    return uniform24_at(r.unsqueeze(1) * full_width + c, step, stream, key)
+    r = (torch.arange(rows, dtype=torch.int64, device=device) + first_row).unsqueeze(1) * full_width + col_offset
+    if width % WORDS_PER_CALL == 0 and full_width % WORDS_PER_CALL == 0 and col_offset % WORDS_PER_CALL == 0:
+        # aligned runs of 4, known from the shape (no data-dependent check, so no host synchronisation)
+        starts = r + torch.arange(0, width, WORDS_PER_CALL, dtype=torch.int64, device=device)
+        return _uniform_of_runs(starts.reshape(-1), step, stream, key).view(rows, width)
+    return _uniform_of_each((r + torch.arange(width, dtype=torch.int64, device=device)).reshape(-1), step, stream,
+                            key).view(rows, width)

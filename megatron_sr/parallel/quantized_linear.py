@@ -125,20 +125,19 @@ class LinearQuant:
         """parallel: "column" (weight rows split over tp) or "row" (weight columns, and so the input, split);
         in_features/out_features: this rank's (local) sizes."""
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        self.scheme, self.linear_id, self.tp = scheme, linear_id, tp
+        self.scheme, self.linear_id = scheme, linear_id
+        self.weight_split = tp > 1  # either way the weight is split: its per-tensor statistic spans the ranks
         if parallel == "column":  # x full; W [out/tp, in] rows at rank * out/tp; g split along its last dim
             self.places = {"input": _Place(in_features, 0, False), "weight": _Place(in_features, 0, False),
                            "grad": _Place(out_features * tp, rank * out_features, tp > 1)}
-            self.weight_row_offset, self.weight_split = rank * out_features, tp > 1
+            self.weight_row_offset = rank * out_features
         elif parallel == "row":  # x split along its last dim; W [out, in/tp] columns at rank * in/tp; g full
             self.places = {"input": _Place(in_features * tp, rank * in_features, tp > 1),
                            "weight": _Place(in_features * tp, rank * in_features, tp > 1),
                            "grad": _Place(out_features, 0, False)}
-            self.weight_row_offset, self.weight_split = 0, tp > 1
+            self.weight_row_offset = 0
         else:
             raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
-        self.widths = {"input": in_features, "weight": in_features,
-                       "grad": out_features}  # local last dimensions, for the block checks
 
     def point(self, name: str) -> QuantFormat | None:
         return self.scheme.formats.get(name)
@@ -163,7 +162,7 @@ class LinearQuant:
         rows_per_sample = t2d.shape[0] // t.shape[0] if t.dim() > 2 else 1
         uniform = self._uniform(name, t2d, pos, rows_per_sample) if fmt.stochastic else None
         if kind == "weight":
-            whole = self.weight_split  # any tp split: the per-tensor statistic spans ranks
+            whole = self.weight_split
             rows_split = self.places["weight"].split_last
         else:
             whole = rows_split = self.places[kind].split_last
