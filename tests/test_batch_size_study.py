@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tb_events import scalars_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("--mock-data --vocab-size 128 --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 16 "
@@ -33,21 +34,6 @@ def load_tool():
     if str(REPO / "tools") not in sys.path:
         sys.path.insert(0, str(REPO / "tools"))
     return importlib.import_module("batch_size_study")
-
-
-def scalars_of(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """The event files read record by record (not through the tool's reader)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    got: dict[str, dict[int, float]] = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                number = value.simple_value if value.HasField("simple_value") else \
-                    float(tensor_util.make_ndarray(value.tensor))
-                got.setdefault(value.tag, {})[event.step] = number
-    return got
 
 
 @pytest.fixture(scope="module")

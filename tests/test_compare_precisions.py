@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tb_events import scalars_of
 
 from megatron_sr.config import parse_config
 from megatron_sr.training.observer import Observer
@@ -27,21 +28,6 @@ def tool(out: Path) -> subprocess.CompletedProcess:
     argv = [sys.executable, "tools/compare_precisions.py", "--output", str(out), "--modes", *MODES,
             "--lr-multipliers", "1", "--seeds", "1", "--save-interval", "2", "--stall-interval", "2", "--", *TINY]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
-
-
-def scalars_of(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """The event files read record by record (not through the tool's reader)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    got: dict[str, dict[int, float]] = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                number = value.simple_value if value.HasField("simple_value") else \
-                    float(tensor_util.make_ndarray(value.tensor))
-                got.setdefault(value.tag, {})[event.step] = number
-    return got
 
 
 @pytest.fixture(scope="module")
