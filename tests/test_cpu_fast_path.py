@@ -11,16 +11,25 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from adamw_cases import (
+    B1,
+    B2,
+    BF16,
+    CONSTS,
+    F32,
+    KEY,
+    LR,
+    VARIANTS,
+    assert_same_bits,
+    bits,
+    clone_chunk,
+    make_chunk,
+    reference_step,
+)
 
-from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, cpu_fast, dispatch, step_scalars
+from megatron_sr.optimizer import cpu_fast, dispatch, step_scalars
 from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_
 
-BF16, F32 = torch.bfloat16, torch.float32
-B1, B2, LR = 0.9, 0.95, 3e-3
-CONSTS = AdamWConstants.make(B1, B2, 1e-8)
-KEY = SRKey.from_seed(20261123, tp_rank=1, pp_rank=2)
-VARIANTS = [(p, g, s, r) for p in (BF16, F32) for g in (BF16, F32) for s in (F32, BF16)
-            for r in ("stochastic", "nearest")]
 SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 255, 1000, 4097, 65539]
 # (stream offset, pointer offset in elements): aligned; mid-group starts; a start past a block boundary of the
 # library's work split (2048 groups); an index above 2^32 groups' worth (2^35 elements)
@@ -31,57 +40,18 @@ def _ids(v):
     return "p{}-g{}-s{}-{}".format(*(str(x).replace("torch.", "") for x in v))
 
 
-def _rand(n, dtype, scale, gen, pad=0, positive=False):
-    """n random elements; pad > 0 starts the tensor `pad` elements into its storage (an odd pointer)."""
-    t = torch.randn(n + pad, generator=gen) * scale
-    return (t.abs() if positive else t).to(dtype)[pad:]
-
-
-def _chunk(n, dtypes, gen, base, wd, pad=0):
-    p, g, s = dtypes
-    return AdamWChunk(_rand(n, p, 1.0, gen, pad), _rand(n, g, 1e-2, gen, pad), _rand(n, s, 1e-3, gen, pad),
-                      _rand(n, s, 1e-5, gen, pad, positive=True), base, wd)
-
-
-def _clone(c):
-    def cl(t):  # the same pointer offset as the original
-        pad = t.storage_offset()
-        return torch.empty(t.numel() + pad, dtype=t.dtype)[pad:].copy_(t)
-    return AdamWChunk(cl(c.param), cl(c.grad), cl(c.exp_avg), cl(c.exp_avg_sq), c.base_index, c.weight_decay)
-
-
-def _reference(chunks, scalars, step, rounding):
-    for c in chunks:
-        adamw_reference_(c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step, consts=CONSTS,
-                         weight_decay=c.weight_decay, rounding=rounding, key=KEY, base_index=c.base_index)
-
-
 def _library(chunks, scalars, step, rounding):
     cpu_fast.step(chunks, scalars=scalars, step=step, consts=CONSTS, stochastic=rounding == "stochastic", key=KEY)
 
 
-def _bits(t):
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def _assert_same(got, want, what=""):
-    for name in ("param", "exp_avg", "exp_avg_sq"):
-        a, b = _bits(getattr(got, name)), _bits(getattr(want, name))
-        if not torch.equal(a, b):
-            bad = (a != b).nonzero()
-            i = int(bad[0])
-            raise AssertionError(f"{what} {name}: {bad.numel()} of {a.numel()} differ, first at {i} (base "
-                                 f"{got.base_index}): {int(a[i])} vs {int(b[i])}")
-
-
 def _run_both(chunks, steps, rounding):
-    want = [_clone(c) for c in chunks]
+    want = [clone_chunk(c) for c in chunks]
     for step in range(1, steps + 1):
         scalars = step_scalars(LR, step, B1, B2, "cpu")
         _library(chunks, scalars, step, rounding)
-        _reference(want, scalars, step, rounding)
+        reference_step(want, scalars, step, rounding)
     for c, w in zip(chunks, want):
-        _assert_same(c, w, f"step {steps}")
+        assert_same_bits(c, w, f"step {steps}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -89,7 +59,7 @@ def test_every_variant_sizes_offsets_and_pointers(variant):
     """Every dtype variant and rounding: one call over chunks of many sizes, stream and pointer offsets, 2 steps."""
     *dtypes, rounding = variant
     gen = torch.Generator().manual_seed(1000 + VARIANTS.index(variant))
-    chunks = [_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad)
+    chunks = [make_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad)
               for i, n in enumerate(SIZES) for base, pad in OFFSETS]
     _run_both(chunks, steps=2, rounding=rounding)
 
@@ -99,7 +69,7 @@ def test_every_variant_a_million_elements(variant):
     """One chunk of 10^6 + 3 elements at an odd stream offset and an odd pointer, one step."""
     *dtypes, rounding = variant
     gen = torch.Generator().manual_seed(2000 + VARIANTS.index(variant))
-    _run_both([_chunk(1_000_003, dtypes, gen, 3 * 2**32 + 12_345, 0.1, pad=3)], steps=1, rounding=rounding)
+    _run_both([make_chunk(1_000_003, dtypes, gen, 3 * 2**32 + 12_345, 0.1, pad=3)], steps=1, rounding=rounding)
 
 
 @pytest.mark.parametrize("states", [F32, BF16])
@@ -107,7 +77,7 @@ def test_every_variant_a_million_elements(variant):
 def test_nan_inf_and_huge_values(states, rounding):
     """NaN, Inf and values near the BF16/FP32 limits in params and grads: the same bits as the reference."""
     gen = torch.Generator().manual_seed(3)
-    chunks = [_chunk(4099, (p, g, states), gen, base=77, wd=0.1) for p in (BF16, F32) for g in (BF16, F32)]
+    chunks = [make_chunk(4099, (p, g, states), gen, base=77, wd=0.1) for p in (BF16, F32) for g in (BF16, F32)]
     for c in chunks:
         c.param[::97] = float("nan")
         c.grad[5::89] = float("inf")
@@ -130,8 +100,8 @@ def test_shards_equal_slices_of_the_full_update(states):
     exactly the slice of the whole parameter's update, however the parts are grouped into calls."""
     gen = torch.Generator().manual_seed(11)
     n, base = 100_003, 4242
-    full = _chunk(n, (BF16, BF16, states), gen, base=base, wd=0.1)
-    src = _clone(full)
+    full = make_chunk(n, (BF16, BF16, states), gen, base=base, wd=0.1)
+    src = clone_chunk(full)
     cuts = [0, 1, 6, 1000, 1003, 16_384 * 2 + 5, 50_000, 77_777, n]
     pieces = [AdamWChunk(src.param[a:b], src.grad[a:b], src.exp_avg[a:b], src.exp_avg_sq[a:b], base + a, 0.1)
               for a, b in zip(cuts, cuts[1:])]
@@ -140,13 +110,14 @@ def test_shards_equal_slices_of_the_full_update(states):
         _library([full], scalars, step, "stochastic")
         _library(pieces[::2], scalars, step, "stochastic")
         _library(pieces[1::2], scalars, step, "stochastic")
-    _assert_same(src, full, "shards")
+    assert_same_bits(src, full, "shards")
 
 
 def test_thread_count_does_not_change_the_bits():
     gen = torch.Generator().manual_seed(5)
-    chunks = [_chunk(n, (BF16, BF16, BF16), gen, base, 0.1) for n, base in [(300_001, 9), (70_000, 300_010), (3, 7)]]
-    twins = [_clone(c) for c in chunks]
+    sizes = [(300_001, 9), (70_000, 300_010), (3, 7)]
+    chunks = [make_chunk(n, (BF16, BF16, BF16), gen, base, 0.1) for n, base in sizes]
+    twins = [clone_chunk(c) for c in chunks]
     threads = torch.get_num_threads()
     try:
         scalars = step_scalars(LR, 4, B1, B2, "cpu")
@@ -157,17 +128,17 @@ def test_thread_count_does_not_change_the_bits():
     finally:
         torch.set_num_threads(threads)
     for c, t in zip(chunks, twins):
-        _assert_same(c, t, "threads")
+        assert_same_bits(c, t, "threads")
 
 
 @pytest.mark.parametrize("dtypes", [(BF16, BF16, F32), (BF16, F32, BF16), (F32, F32, F32)])
 def test_skip_flag_leaves_every_tensor_unchanged(dtypes):
     gen = torch.Generator().manual_seed(4)
-    chunks = [_chunk(n, dtypes, gen, base, 0.1) for n, base in [(4097, 0), (9, 5000)]]
-    before = [_clone(c) for c in chunks]
+    chunks = [make_chunk(n, dtypes, gen, base, 0.1) for n, base in [(4097, 0), (9, 5000)]]
+    before = [clone_chunk(c) for c in chunks]
     _library(chunks, step_scalars(LR, 3, B1, B2, "cpu", skip=torch.tensor(True)), 3, "stochastic")
     for c, b in zip(chunks, before):
-        _assert_same(c, b, "skipped step")
+        assert_same_bits(c, b, "skipped step")
 
 
 def test_unsupported_chunks_are_refused_before_anything_is_written():
@@ -196,8 +167,8 @@ def fresh_dispatch(monkeypatch, tmp_path):
 
 def _dispatch_both(rounding="stochastic"):
     gen = torch.Generator().manual_seed(8)
-    chunks = [_chunk(n, (BF16, BF16, F32), gen, base, 0.1) for n, base in [(1000, 0), (37, 1000), (0, 1037)]]
-    want = [_clone(c) for c in chunks]
+    chunks = [make_chunk(n, (BF16, BF16, F32), gen, base, 0.1) for n, base in [(1000, 0), (37, 1000), (0, 1037)]]
+    want = [clone_chunk(c) for c in chunks]
     paths = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -205,9 +176,9 @@ def _dispatch_both(rounding="stochastic"):
             scalars = step_scalars(LR, step, B1, B2, "cpu")
             paths.append(adamw_step_(chunks, scalars=scalars, step=torch.tensor(step), consts=CONSTS,
                                      rounding=rounding, key=KEY))
-            _reference(want, scalars, step, rounding)
+            reference_step(want, scalars, step, rounding)
     for c, w in zip(chunks, want):
-        _assert_same(c, w, "dispatch")
+        assert_same_bits(c, w, "dispatch")
     return paths, [str(w.message) for w in caught if "SR AdamW" in str(w.message)]
 
 
@@ -261,7 +232,7 @@ def test_portable_build_without_avx2_gives_the_same_bits(fresh_dispatch, monkeyp
     """The build without -march=native (baseline x86-64: the scalar Philox loop) is also the reference."""
     monkeypatch.setattr(cpu_fast, "ARCH_FLAGS", ())
     gen = torch.Generator().manual_seed(21)
-    chunks = [_chunk(n, (BF16, BF16, BF16), gen, base, 0.1, pad) for n, (base, pad) in zip((1, 17, 4097, 65539),
+    chunks = [make_chunk(n, (BF16, BF16, BF16), gen, base, 0.1, pad) for n, (base, pad) in zip((1, 17, 4097, 65539),
                                                                                          OFFSETS[1:])]
     _run_both(chunks, steps=2, rounding="stochastic")
 
@@ -301,7 +272,7 @@ def test_training_steps_equal_the_reference_path(monkeypatch, precision, extra):
     ref_paths, ref = run(False)
     assert fast_paths == {"cpu"} and ref_paths == {"reference"}
     for a, b in zip(fast, ref):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
 
 
 # ---------------------------------------------------------------- BF16 attention on the CPU

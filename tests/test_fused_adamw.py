@@ -8,47 +8,28 @@ import math
 
 import pytest
 import torch
+from adamw_cases import (
+    B1,
+    B2,
+    BF16,
+    CONSTS,
+    F32,
+    KEY,
+    LR,
+    VARIANTS,
+    assert_same_bits,
+    clone_chunk,
+    make_chunk,
+    rand_tensor,
+    reference_step,
+)
 
-from megatron_sr.optimizer import AdamWConstants, SRKey, adamw_reference_, step_scalars
+from megatron_sr.optimizer import step_scalars
 from megatron_sr.optimizer.dispatch import AdamWChunk, adamw_step_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-BF16, F32 = torch.bfloat16, torch.float32
-B1, B2, LR = 0.9, 0.95, 3e-3
-CONSTS = AdamWConstants.make(B1, B2, 1e-8)
-KEY = SRKey.from_seed(20261123, tp_rank=1, pp_rank=2)
-VARIANTS = [(p, g, s, r) for p in (BF16, F32) for g in (BF16, F32) for s in (F32, BF16)
-            for r in ("stochastic", "nearest")]
 SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 255, 1000, 4097, 65539, 1_000_003]
-
-
-def _rand(n, dtype, scale, gen, pad=0, positive=False):
-    """Random tensor of n elements; pad > 0 makes its data pointer start `pad` elements into its storage."""
-    t = torch.randn(n + pad, generator=gen, device="cuda") * scale
-    if positive:
-        t = t.abs()
-    return t.to(dtype)[pad:]
-
-
-def _make_chunk(n, dtypes, gen, base, wd, pad=0):
-    p, g, s = dtypes
-    return AdamWChunk(_rand(n, p, 1.0, gen, pad), _rand(n, g, 1e-2, gen, pad), _rand(n, s, 1e-3, gen, pad),
-                      _rand(n, s, 1e-5, gen, pad, positive=True), base, wd)
-
-
-def _clone(c):
-    def cl(t):  # keep the same misalignment as the original
-        pad = t.storage_offset()
-        buf = torch.empty(t.numel() + pad, dtype=t.dtype, device=t.device)[pad:]
-        return buf.copy_(t)
-    return AdamWChunk(cl(c.param), cl(c.grad), cl(c.exp_avg), cl(c.exp_avg_sq), c.base_index, c.weight_decay)
-
-
-def _reference(chunks, scalars, step, rounding):
-    for c in chunks:
-        adamw_reference_(c.param, c.grad, c.exp_avg, c.exp_avg_sq, scalars=scalars, step=step, consts=CONSTS,
-                         weight_decay=c.weight_decay, rounding=rounding, key=KEY, base_index=c.base_index)
 
 
 def _fused(chunks, scalars, step, rounding):
@@ -56,30 +37,16 @@ def _fused(chunks, scalars, step, rounding):
     assert path == "fused"
 
 
-def _bits(t):
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def _assert_same(got, want, what=""):
-    for name in ("param", "exp_avg", "exp_avg_sq"):
-        a, b = _bits(getattr(got, name)), _bits(getattr(want, name))
-        if not torch.equal(a, b):
-            bad = (a != b).nonzero()
-            i = int(bad[0])
-            raise AssertionError(f"{what} {name}: {bad.numel()} of {a.numel()} differ, first at {i} "
-                                 f"(numel {a.numel()}, base {got.base_index}): {int(a[i])} vs {int(b[i])}")
-
-
 def _run_both(chunks, steps, rounding, step_as_tensor=False):
-    want = [_clone(c) for c in chunks]
+    want = [clone_chunk(c) for c in chunks]
     for step in range(1, steps + 1):
         scalars = step_scalars(LR, step, B1, B2, "cuda")
         s = torch.tensor(step, dtype=torch.int64, device="cuda") if step_as_tensor else step
         _fused(chunks, scalars, s, rounding)
-        _reference(want, scalars, step, rounding)
+        reference_step(want, scalars, step, rounding)
     torch.cuda.synchronize()
     for c, w in zip(chunks, want):
-        _assert_same(c, w, f"step {steps}")
+        assert_same_bits(c, w, f"step {steps}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "p{}-g{}-s{}-{}".format(
@@ -93,21 +60,21 @@ def test_multi_tensor_sizes_offsets_and_alignment(variant):
         # (stream offset, pointer offset): aligned; scalar-only (offsets disagree); vector path with a
         # shifted group start (13 % 8 == 5); misaligned pointers; an index above 2^32
         for base, pad in [(0, 0), (5, 0), (8 * 1000 + 3, 0), (13, 5), (13, 1), (2**33 + 7, 3)]:
-            chunks.append(_make_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad))
+            chunks.append(make_chunk(n, dtypes, gen, base, 0.1 if i % 2 else 0.0, pad))
     _run_both(chunks, steps=3, rounding=rounding)
 
 
 @pytest.mark.parametrize("state_dtype", [F32, BF16])
 def test_above_1e8_elements(state_dtype):
     gen = torch.Generator(device="cuda").manual_seed(7)
-    chunk = _make_chunk(100_000_007, (BF16, BF16, state_dtype), gen, base=123_456_789, wd=0.1)
+    chunk = make_chunk(100_000_007, (BF16, BF16, state_dtype), gen, base=123_456_789, wd=0.1)
     _run_both([chunk], steps=2, rounding="stochastic")
 
 
 def test_step_from_device_tensor_and_specials():
     """Step read from an int64 device tensor; NaN, Inf and huge values in params and grads."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    chunk = _make_chunk(4099, (BF16, BF16, BF16), gen, base=77, wd=0.1)
+    chunk = make_chunk(4099, (BF16, BF16, BF16), gen, base=77, wd=0.1)
     chunk.param[::97] = float("nan")
     chunk.grad[5::89] = float("inf")
     chunk.grad[7::101] = -float("nan")
@@ -120,8 +87,8 @@ def test_shard_equals_slice_of_full_update(state_dtype):
     """Pieces of a parameter updated with their own base index give exactly the full update's slices."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     n, base = 100_003, 4242
-    full = _make_chunk(n, (BF16, BF16, state_dtype), gen, base=base, wd=0.1)
-    pieces_src = _clone(full)
+    full = make_chunk(n, (BF16, BF16, state_dtype), gen, base=base, wd=0.1)
+    pieces_src = clone_chunk(full)
     cuts = [0, 1, 6, 1000, 1003, 50_000, 77_777, n]
     pieces = [AdamWChunk(pieces_src.param[a:b], pieces_src.grad[a:b], pieces_src.exp_avg[a:b],
                          pieces_src.exp_avg_sq[a:b], base + a, 0.1) for a, b in zip(cuts, cuts[1:])]
@@ -130,7 +97,7 @@ def test_shard_equals_slice_of_full_update(state_dtype):
         _fused([full], scalars, step, "stochastic")
         _fused(pieces[::2], scalars, step, "stochastic")  # two launches, pieces in any grouping
         _fused(pieces[1::2], scalars, step, "stochastic")
-    _assert_same(pieces_src, full, "shards")
+    assert_same_bits(pieces_src, full, "shards")
 
 
 def _bf16_neighbours(x: float) -> tuple[float, float]:
@@ -150,7 +117,7 @@ def test_sr_unbiased_on_kernel_output():
                        0, 0.1)
     scalars = step_scalars(1e-2, 1, B1, B2, "cuda")
     _fused([chunk], scalars, 1, "stochastic")
-    _reference([exact], scalars, 1, "stochastic")  # FP32 tensors: the exact FP32 results, no rounding
+    reference_step([exact], scalars, 1, "stochastic")  # FP32 tensors: the exact FP32 results, no rounding
     for name in ("param", "exp_avg", "exp_avg_sq"):
         x = float(getattr(exact, name))
         y = getattr(chunk, name).double()
@@ -165,12 +132,12 @@ def test_sr_unbiased_on_kernel_output():
 def test_cuda_graph_captures_the_step():
     """Scalars and step live in device tensors: a captured launch replays correctly for later steps."""
     gen = torch.Generator(device="cuda").manual_seed(5)
-    chunks = [_make_chunk(n, (BF16, BF16, F32), gen, base, 0.1) for n, base in [(1000, 0), (77_777, 1000)]]
+    chunks = [make_chunk(n, (BF16, BF16, F32), gen, base, 0.1) for n, base in [(1000, 0), (77_777, 1000)]]
     scalars = step_scalars(LR, 1, B1, B2, "cuda")
     step_t = torch.ones((), dtype=torch.int64, device="cuda")
     _fused(chunks, scalars, step_t, "stochastic")  # warm-up: builds and caches the chunk table outside the capture
     torch.cuda.synchronize()
-    want = [_clone(c) for c in chunks]
+    want = [clone_chunk(c) for c in chunks]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _fused(chunks, scalars, step_t, "stochastic")
@@ -178,10 +145,10 @@ def test_cuda_graph_captures_the_step():
         scalars.copy_(step_scalars(LR, step, B1, B2, "cuda"))
         step_t.fill_(step)
         graph.replay()
-        _reference(want, scalars, step, "stochastic")
+        reference_step(want, scalars, step, "stochastic")
     torch.cuda.synchronize()
     for c, w in zip(chunks, want):
-        _assert_same(c, w, "graph")
+        assert_same_bits(c, w, "graph")
 
 
 def test_mismatched_sizes_raise_before_the_binding():
@@ -196,9 +163,9 @@ def test_plan_is_reused_for_the_same_tensors_and_rebuilt_on_any_change():
     from megatron_sr.optimizer import fused
 
     gen = torch.Generator(device="cuda").manual_seed(13)
-    chunks = [_make_chunk(n, (BF16, BF16, F32), gen, base, wd) for n, base, wd in
+    chunks = [make_chunk(n, (BF16, BF16, F32), gen, base, wd) for n, base, wd in
               [(1000, 0, 0.1), (8191, 1000, 0.0), (0, 9191, 0.1), (65539, 9191, 0.1)]]
-    want = [_clone(c) for c in chunks]
+    want = [clone_chunk(c) for c in chunks]
     same = lambda cs: [AdamWChunk(c.param, c.grad, c.exp_avg, c.exp_avg_sq, c.base_index, c.weight_decay)  # noqa: E731
                        for c in cs]
     builds = []
@@ -211,14 +178,14 @@ def test_plan_is_reused_for_the_same_tensors_and_rebuilt_on_any_change():
             chunks[3].exp_avg = chunks[3].exp_avg.clone()
         scalars = step_scalars(LR, step, B1, B2, "cuda")
         _fused(same(chunks), scalars, step, "stochastic")
-        _reference(want, scalars, step, "stochastic")
+        reference_step(want, scalars, step, "stochastic")
         builds.append(fused.plan_cache_info().builds)
     torch.cuda.synchronize()
     for c, w in zip(chunks, want):
-        _assert_same(c, w, "cached plans")
+        assert_same_bits(c, w, "cached plans")
     assert [b - builds[0] for b in builds] == [0, 0, 1, 2, 3]
     # a non-contiguous view with the same pointer, size and dtype as a planned tensor is not that tensor
-    buf = _rand(2000, BF16, 1.0, gen)
+    buf = rand_tensor(2000, BF16, 1.0, gen)
     head = AdamWChunk(buf[:1000], *(t.clone() for t in (chunks[0].grad, chunks[0].exp_avg, chunks[0].exp_avg_sq)),
                       0, 0.1)
     _fused([head], scalars, 6, "stochastic")
@@ -233,10 +200,10 @@ def test_plan_is_reused_for_the_same_tensors_and_rebuilt_on_any_change():
 def test_skip_flag_leaves_every_tensor_unchanged(dtypes):
     """scalars[3] != 0 (non-finite gradients, decided on the device): the kernel writes nothing."""
     gen = torch.Generator(device="cuda").manual_seed(4)
-    chunks = [_make_chunk(n, dtypes, gen, base, 0.1) for n, base in [(4097, 0), (9, 5000)]]
-    before = [_clone(c) for c in chunks]
+    chunks = [make_chunk(n, dtypes, gen, base, 0.1) for n, base in [(4097, 0), (9, 5000)]]
+    before = [clone_chunk(c) for c in chunks]
     skip = torch.tensor(True, device="cuda")
     _fused(chunks, step_scalars(LR, torch.tensor(3, device="cuda"), B1, B2, "cuda", skip), 3, "stochastic")
     torch.cuda.synchronize()
     for c, b in zip(chunks, before):
-        _assert_same(c, b, "skipped step")
+        assert_same_bits(c, b, "skipped step")
