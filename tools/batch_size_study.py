@@ -55,9 +55,9 @@ from compare_precisions import (
     commit,
     curve,
     execute,
-    finite_or_none,
     machine,
     mean_std,
+    publish,
     read_scalars,
     write_atomically,
 )
@@ -548,19 +548,11 @@ def study(argv: list[str] | None = None) -> int:
     meta = {"machine": machine(), "commit": commit(),
             "command": shlex.join(["python3", "tools/batch_size_study.py", *argv]),
             "eval_samples": settings["eval_iters"] * max(args.batch_sizes)}
-    payload = finite_or_none({**meta, "batch_sizes": args.batch_sizes, "micro_batch_size": args.micro_batch_size,
-                              "steps": args.steps, "seeds": args.seeds, "schemes": args.scheme_flags,
-                              "base": base, "tables": tables, "gradient_variance": var,
-                              "runs": list(results.values())})
-    write_atomically(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
-    write_atomically(out / "results.md", markdown(tables, var, args, meta))
-    images = plots(tables, var, args, out)
-    print(f"batch_size_study.py: wrote {out / 'results.json'}, {out / 'results.md'}"
-          + "".join(f", {out / name}" for name in images), flush=True)
-    if failed:
-        raise ValueError(f"{len(failed)} run(s) failed (not diverged): {', '.join(failed)}; see their log.txt; "
-                         "rerun the same command to retry them")
-    return 0
+    payload = {**meta, "batch_sizes": args.batch_sizes, "micro_batch_size": args.micro_batch_size,
+               "steps": args.steps, "seeds": args.seeds, "schemes": args.scheme_flags, "base": base, "tables": tables,
+               "gradient_variance": var, "runs": list(results.values())}
+    return publish("batch_size_study.py", out, payload, markdown(tables, var, args, meta),
+                   lambda: plots(tables, var, args, out), failed)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from megatron_sr.cli import run_tool
 
@@ -384,6 +385,21 @@ def finite_or_none(value):
     return value
 
 
+def publish(tool: str, out: Path, payload: dict, md: str, make_plots: Callable[[], list[str]],
+            failed: list[str]) -> int:
+    """A study's results folder: results.json (non-finite numbers as null), results.md, then the plots; a run
+    that failed (not diverged) is an error after everything else is written."""
+    write_atomically(out / "results.json", json.dumps(finite_or_none(payload), indent=1, allow_nan=False))
+    write_atomically(out / "results.md", md)
+    images = make_plots()
+    print(f"{tool}: wrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {out / name}" for name in images),
+          flush=True)
+    if failed:
+        raise ValueError(f"{len(failed)} run(s) failed (not diverged): {', '.join(failed)}; see their log.txt; "
+                         "rerun the same command to retry them")
+    return 0
+
+
 def study(argv: list[str] | None = None) -> int:
     args, base = parse_args(argv)
     settings = base_settings(base)
@@ -427,17 +443,10 @@ def study(argv: list[str] | None = None) -> int:
     cells = [{"mode": mode, "lr_multiplier": mult, **cell} for (mode, mult), cell in summary["cells"].items()]
     paired = [{"mode": mode, "lr_multiplier": mult, **gap}
               for (mode, mult), gap in paired_gaps(results, args.modes, args.lr_multipliers).items()]
-    payload = finite_or_none({**meta, "best_lr_multiplier": best, "cells": cells, "paired_gaps_to_reference": paired,
-                              "runs": results})
-    write_atomically(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
-    write_atomically(out / "results.md", markdown(summary, results, args.modes, args.lr_multipliers, meta))
-    images = plots(results, summary, args.modes, args.lr_multipliers, out)
-    print(f"compare_precisions.py: wrote {out / 'results.json'}, {out / 'results.md'}"
-          + "".join(f", {out / name}" for name in images))
-    if failed:
-        raise ValueError(f"{len(failed)} run(s) failed (not diverged): {', '.join(failed)}; see their log.txt; "
-                         "rerun the same command to retry them")
-    return 0
+    payload = {**meta, "best_lr_multiplier": best, "cells": cells, "paired_gaps_to_reference": paired, "runs": results}
+    return publish("compare_precisions.py", out, payload,
+                   markdown(summary, results, args.modes, args.lr_multipliers, meta),
+                   lambda: plots(results, summary, args.modes, args.lr_multipliers, out), failed)
 
 
 if __name__ == "__main__":
