@@ -211,6 +211,11 @@ def measure_plain(variant: str, warmup: int, iters: int) -> dict:
 # ---- this project: pretrain(cfg), and its optimizer step ----
 
 def measure_pretrain(mode: str, warmup: int, iters: int) -> dict:
+    return time_pretrain(pretrain_argv(mode, warmup + iters), warmup, iters)
+
+
+def time_pretrain(argv: list[str], warmup: int, iters: int) -> dict:
+    """`pretrain(parse_config(argv))` (argv sets --train-iters to warmup + iters), timed between optimizer steps."""
     from megatron_sr.config import parse_config
     from megatron_sr.training.observer import Observer
     from megatron_sr.training.pretrain import pretrain
@@ -238,7 +243,7 @@ def measure_pretrain(mode: str, warmup: int, iters: int) -> dict:
             self.window.after_iteration()
 
     timing = Timing()
-    pretrain(parse_config(pretrain_argv(mode, warmup + iters)), timing)
+    pretrain(parse_config(argv), timing)
     return {"ms": statistics.median(timing.times[warmup:]) * 1e3,
             "cpu_ms": statistics.median(timing.cpu_times[warmup:]) * 1e3, "params": timing.params,
             "optimizer_path": sorted(p for p in timing.paths if p),
@@ -328,15 +333,32 @@ def run_row(row: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", row, str(args.warmup), str(args.iters), str(args.threads)]
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+    result = run_child(cmd, env, args.timeout)
+    if "error" not in result:
+        result.update(load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2),
+                      wall_s=round(time.monotonic() - t0, 1))
+    return result
+
+
+def run_child(cmd: list[str], env: dict, timeout: float) -> dict:
+    """A benchmark's child process: the JSON of its last `RESULT ` line, or {"error": its last lines}."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]
         return {"error": " | ".join(tail)[:500]}
-    result = json.loads(found[-1][7:])
-    result.update(load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2),
-                  wall_s=round(time.monotonic() - t0, 1))
-    return result
+    return json.loads(found[-1][7:])
+
+
+def write_results(output: str, data: dict, md: str) -> None:
+    """OUTPUT.json and OUTPUT.md, each written under a temporary name and renamed in; the table printed."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(data, indent=1) + "\n"), (".md", md)):
+        tmp = out.with_name(out.name + suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out.with_suffix(suffix))
+    print(md)
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -500,11 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                      "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
                      "load_range": [min(loads), max(loads)], "shape": SHAPE},
             "results": results, "targets": target_lines(results)}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(args.output, data, markdown(data))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -18,12 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_cpu import SHAPE, commit, machine, shape_flags
+from bench_cpu import SHAPE, commit, machine, run_child, shape_flags, time_pretrain, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,28 +48,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2"
 
 
 def child(argv: list[str], warmup: int, iters: int) -> dict:
-    from megatron_sr.config import parse_config
-    from megatron_sr.training.observer import Observer
-    from megatron_sr.training.pretrain import pretrain
-
-    class Timing(Observer):
-        def __init__(self):
-            self.times, self.last = [], None
-
-        def log(self, message: str) -> None:
-            pass
-
-        def on_train_start(self, trainer) -> None:
-            self.last = time.perf_counter()
-
-        def on_step(self, iteration, loss, result) -> None:
-            now = time.perf_counter()
-            self.times.append(now - self.last)
-            self.last = now
-
-    timing = Timing()
-    pretrain(parse_config(argv + ["--train-iters", str(warmup + iters)]), timing)
-    return {"ms": statistics.median(timing.times[warmup:]) * 1e3}
+    return {"ms": time_pretrain(argv + ["--train-iters", str(warmup + iters)], warmup, iters)["ms"]}
 
 
 def base_argv(args) -> list[str]:
@@ -87,11 +65,8 @@ def run_scheme(name: str, args) -> dict:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--child", json.dumps(base_argv(args) + SCHEMES[name]), str(args.warmup),
            str(args.iters)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
-    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not found:
-        return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[:500]}
-    return {**json.loads(found[-1][7:]), "load": round(os.getloadavg()[0], 2)}
+    result = run_child(cmd, env, args.timeout)
+    return result if "error" in result else {**result, "load": round(os.getloadavg()[0], 2)}
 
 
 def markdown(data: dict) -> str:
@@ -156,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": args.precision, "device": args.device, "warmup": args.warmup, "iters": args.iters,
                      "rounds": args.rounds, "schemes": {n: SCHEMES[n] for n in names}},
             "results": results}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(args.output, data, markdown(data))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
